@@ -1,0 +1,267 @@
+"""`prepare`: source -> decoded, checked images -> shuffled WebDataset shards + manifest.json.
+
+Order of work, and why:
+
+1. Resolve the source and fingerprint it together with every option that changes the output.
+   If OUT already holds a manifest with that fingerprint and its shards, stop ("up to date").
+2. Inside a temporary sibling of OUT (renamed into place only at the very end): extract a zip,
+   list the files in sorted order, and decode every one in a worker pool. `Pool.imap` returns
+   results in input order, so the output does not depend on `--workers`.
+3. Set aside unreadable files, find exact duplicates (and train/test leakage), check that no
+   class is left empty, shuffle each split with the seed, write shards, then the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from . import __version__, shards, sources
+from .errors import DataPrepError
+from .fsutil import atomic_output_dir
+from .images import EncodeOptions, Encoded, encode_file
+
+DEFAULT_QUALITY = 95
+
+
+@dataclass
+class _Record:
+    """A source file together with what decoding it produced."""
+
+    file: sources.SourceFile
+    result: Encoded
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def prepare(
+    source: str | Path,
+    out: str | Path,
+    *,
+    test_fraction: float | None = None,
+    seed: int = 0,
+    samples_per_shard: int | None = None,
+    max_side: int | None = None,
+    shorter_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
+    workers: int | None = None,
+    strict: bool = False,
+    drop_duplicates: bool = False,
+    force: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build ``out/`` from `source` and return the manifest (see docs/data.md for every option).
+
+    Raises `DataPrepError` for anything the user has to fix; `out` is then left untouched.
+    """
+    _check_options(test_fraction, samples_per_shard, max_side, shorter_side, quality, workers)
+    source, out = str(source), Path(out)
+    kind, path = sources.resolve(source, cache_dir, progress)
+    if kind == "dir" and out.resolve().is_relative_to(path.resolve()):
+        raise DataPrepError(f"--out {out} is inside --source {source}; write the shards somewhere else")
+    options = {
+        "source": source,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,  # None until resolved: "auto" is part of the fingerprint
+        "max_side": max_side,
+        "shorter_side": shorter_side,
+        "quality": quality,
+        "test_fraction": test_fraction,
+        "strict": strict,
+        "drop_duplicates": drop_duplicates,
+    }
+    fingerprint = _fingerprint(sources.fingerprint(kind, path), options)
+    if not force and _up_to_date(out, fingerprint):
+        log(f"data_prep: {out} is up to date (same input and options); pass --force to rebuild")
+        return shards.load_manifest(out)
+
+    encode = EncodeOptions(max_side=max_side, shorter_side=shorter_side, quality=quality)
+    with atomic_output_dir(out) as tmp:
+        root = sources.safe_extract(path, tmp / "_extract") if kind == "zip" else path
+        layout = sources.scan(sources.find_layout_root(root), test_fraction=test_fraction, seed=seed)
+        records = _decode_all(layout.files, encode, workers or default_workers(), progress)
+        skipped = layout.skipped + [
+            {"path": r.file.rel, "reason": r.result.reason} for r in records if r.result.jpg is None
+        ]
+        if strict and skipped:
+            first = skipped[0]
+            raise DataPrepError(
+                f"--strict: {len(skipped)} unusable file(s), first {first['path']}: {first['reason']}; "
+                "fix or remove them, or drop --strict to skip them"
+            )
+        records = [r for r in records if r.result.jpg is not None]
+        duplicates, dropped = _find_duplicates(records, drop_duplicates)
+        records = [r for r in records if r.file.rel not in dropped]
+        _check_not_empty(records, layout.classes, len(skipped))
+
+        by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
+        options["samples_per_shard"] = samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+        manifest = {
+            "format": shards.FORMAT,
+            "classes": layout.classes,
+            "splits": {
+                split: shards.write_split(tmp, split, _stratified_shuffle(recs, seed, split),
+                                          options["samples_per_shard"], len(layout.classes))
+                for split, recs in by_split.items()
+            },
+            "options": options,
+            "skipped": skipped,
+            "duplicates": duplicates,
+            "fingerprint": fingerprint,
+            "created_by": f"data_prep {__version__}",
+        }
+        (tmp / shards.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if kind == "zip":
+            # The extracted copy is scratch space only; it must not be renamed into OUT.
+            shutil.rmtree(tmp / "_extract")
+    _report(out, manifest, log)
+    return manifest
+
+
+def _check_options(test_fraction, samples_per_shard, max_side, shorter_side, quality, workers) -> None:
+    if test_fraction is not None and not 0 < test_fraction < 1:
+        raise DataPrepError(f"--test-fraction {test_fraction}: must be between 0 and 1 (exclusive), e.g. 0.2")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise DataPrepError(f"--samples-per-shard {samples_per_shard}: must be at least 1")
+    if max_side is not None and shorter_side is not None:
+        raise DataPrepError("--max-side and --shorter-side: give at most one of them")
+    for flag, value in (("--max-side", max_side), ("--shorter-side", shorter_side)):
+        if value is not None and value < 8:
+            raise DataPrepError(f"{flag} {value}: must be at least 8 pixels")
+    if not 1 <= quality <= 100:
+        raise DataPrepError(f"--quality {quality}: must be between 1 and 100 (95 keeps nearly all detail)")
+    if workers is not None and workers < 1:
+        raise DataPrepError(f"--workers {workers}: must be at least 1")
+
+
+def _fingerprint(input_id: str, options: dict) -> str:
+    # The source's spelling is left out: the same folder reached by another path is the same input.
+    relevant = {k: v for k, v in options.items() if k != "source"}
+    blob = json.dumps({"input": input_id, "options": relevant, "format": shards.FORMAT}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _up_to_date(out: Path, fingerprint: str) -> bool:
+    """True if `out` holds this exact output; raise if `out` is something we must not overwrite."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise DataPrepError(f"--out {out}: exists and is not a folder; choose another --out")
+    if not (out / shards.MANIFEST).exists():
+        if any(out.iterdir()):
+            raise DataPrepError(
+                f"--out {out}: folder exists, is not empty and has no {shards.MANIFEST}; "
+                "choose another --out or empty it"
+            )
+        return False
+    try:
+        manifest = shards.load_manifest(out)
+    except DataPrepError:
+        return False  # our own damaged output: rebuild it
+    return manifest.get("fingerprint") == fingerprint and shards.shards_present(out, manifest)
+
+
+def _decode_all(files: list[sources.SourceFile], encode: EncodeOptions, workers: int, progress: bool) -> list[_Record]:
+    work = partial(encode_file, options=encode)
+    paths = [f.path for f in files]
+    bar = dict(total=len(files), desc="decode", unit="img", file=sys.stderr, disable=not progress)
+    if workers == 1 or len(files) < 2:
+        results = [work(p) for p in tqdm(paths, **bar)]
+    else:
+        # The pool is created before tqdm starts its monitor thread (forking after threads is fragile).
+        with multiprocessing.Pool(min(workers, len(files))) as pool:
+            results = list(tqdm(pool.imap(work, paths, chunksize=8), **bar))
+    return [_Record(f, r) for f, r in zip(files, results)]
+
+
+def _find_duplicates(records: list[_Record], drop: bool) -> tuple[list[dict], set[str]]:
+    """Group byte-identical files; with `drop`, keep one per group (a test copy first, so leaks leave train).
+
+    Returns the manifest's `duplicates` list and the relative paths to drop.
+    """
+    groups: dict[str, list[_Record]] = defaultdict(list)
+    for r in records:
+        groups[r.result.sha256].append(r)
+    report, dropped = [], set()
+    for digest, group in sorted(groups.items(), key=lambda item: item[1][0].file.rel):
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda r: (r.file.split != "test", r.file.rel))
+        entry = {
+            "sha256": digest,
+            "paths": [r.file.rel for r in group],
+            "splits": sorted({r.file.split for r in group}),
+            "leak": len({r.file.split for r in group}) > 1,
+            "label_conflict": len({r.file.label for r in group}) > 1,
+        }
+        if drop:
+            entry["dropped"] = [r.file.rel for r in group[1:]]
+            dropped.update(entry["dropped"])
+        report.append(entry)
+    return report, dropped
+
+
+def _check_not_empty(records: list[_Record], classes: list[str], num_skipped: int) -> None:
+    present = {(r.file.split, r.file.label) for r in records}
+    for split in sources.SPLITS:
+        for label, name in enumerate(classes):
+            if (split, label) not in present:
+                raise DataPrepError(
+                    f"{split}/{name}: no readable image ({num_skipped} file(s) skipped in total); "
+                    "add images to that class folder"
+                )
+
+
+def _stratified_shuffle(records: list[_Record], seed: int, split: str) -> list[shards.Sample]:
+    """Shuffle so that every class is spread evenly along the sequence, hence over every shard.
+
+    Each class is shuffled, its i-th of n members placed at (i + U(0,1)) / n, and the classes are
+    merged by that position: random order, but no long single-class runs, even in small shards.
+    """
+    rng = random.Random(f"{seed}:{split}")
+    by_label: dict[int, list[_Record]] = defaultdict(list)
+    for r in records:  # already in sorted path order, so the shuffle input is deterministic
+        by_label[r.file.label].append(r)
+    placed = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        rng.shuffle(members)
+        placed += [((i + rng.random()) / len(members), r.file.key, r) for i, r in enumerate(members)]
+    placed.sort(key=lambda t: t[:2])
+    return [(r.file.key, r.file.label, r.result.jpg) for _, _, r in placed]
+
+
+def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
+    """One summary line on stdout, plus a warning line per kind of problem on stderr."""
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    skipped, duplicates = manifest["skipped"], manifest["duplicates"]
+    leaks = sum(1 for d in duplicates if d["leak"])
+    log(
+        f"data_prep: wrote {out}: {train['num_samples']} train + {test['num_samples']} test samples "
+        f"in {len(train['shards'])} + {len(test['shards'])} shards "
+        f"({manifest['options']['samples_per_shard']} per shard), {len(manifest['classes'])} classes; "
+        f"{len(skipped)} skipped, {len(duplicates)} duplicate group(s), {leaks} train/test leak(s)"
+    )
+    if skipped:
+        first = skipped[0]
+        print(f"data_prep: warning: skipped {len(skipped)} unusable file(s), first {first['path']}: "
+              f"{first['reason']}; all listed under 'skipped' in {shards.MANIFEST}", file=sys.stderr)
+    if leaks:
+        print(f"data_prep: warning: {leaks} image(s) appear in both train and test (leakage); "
+              f"see 'duplicates' in {shards.MANIFEST}, or pass --drop-duplicates", file=sys.stderr)

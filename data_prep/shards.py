@@ -1,0 +1,189 @@
+"""Writing WebDataset shards reproducibly, and checking them against `manifest.json` (`verify`).
+
+The format is the contract in docs/manifest.md. Reproducibility: `webdataset.TarWriter` stamps
+every tar member with the current time unless given `mtime`; with a fixed mtime, fixed owner and
+mode, and a fixed sample order, the same samples give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+from .errors import DataPrepError
+
+FORMAT = "hotdog-wds/1"
+MANIFEST = "manifest.json"
+# The default shard size aims for at least this many train shards: more shards than
+# ranks x dataloader workers keeps every consumer busy (see docs/data.md, "How many shards").
+MIN_TRAIN_SHARDS = 16
+# ...but never more than this many samples per shard (about 100 MB of typical JPEGs), for big sets.
+MAX_SAMPLES_PER_SHARD = 1000
+TAR_MTIME = 0  # fixed tar header time, for byte-identical re-runs
+
+Sample = tuple[str, int, bytes]  # (__key__, class index, jpg bytes)
+
+
+def default_samples_per_shard(num_train: int) -> int:
+    """The largest shard size that still yields `MIN_TRAIN_SHARDS` train shards (2000 -> 125, 341 -> 21)."""
+    return min(max(num_train // MIN_TRAIN_SHARDS, 1), MAX_SAMPLES_PER_SHARD)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_pattern(split: str, num_shards: int) -> str:
+    """Brace pattern that `webdataset`/`braceexpand` expands to the shard names, in order."""
+    return f"{split}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+
+
+def write_split(out: Path, split: str, samples: list[Sample], samples_per_shard: int, num_classes: int) -> dict:
+    """Write `samples` (already in their final order) as shards; return the split's manifest entry."""
+    # ShardWriter formats its pattern with %, so a literal % in the folder name must be doubled.
+    pattern = str(out).replace("%", "%%") + f"/{split}-%06d.tar"
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, maxsize=float("inf"), verbose=0,
+                         encoder=False, mtime=TAR_MTIME, user="bigdata", group="bigdata", mode=0o444) as sink:
+        for key, label, jpg in samples:
+            sink.write({"__key__": key, "jpg": jpg, "cls": str(label).encode("ascii")})
+    # ShardWriter starts a new shard exactly every `samples_per_shard` samples.
+    chunks = [samples[i:i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
+    shards = []
+    for index, chunk in enumerate(chunks):
+        path = out / shard_name(split, index)
+        data = path.read_bytes()
+        shards.append({
+            "name": path.name,
+            "num_samples": len(chunk),
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "class_counts": _class_counts((label for _, label, _ in chunk), num_classes),
+        })
+    return {
+        "num_samples": len(samples),
+        "pattern": shard_pattern(split, len(shards)),
+        "class_counts": _class_counts((label for _, label, _ in samples), num_classes),
+        "shards": shards,
+    }
+
+
+def _class_counts(labels, num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for label in labels:
+        counts[label] += 1
+    return counts
+
+
+def load_manifest(out: Path) -> dict:
+    path = Path(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataPrepError(f"{path}: not found; is {out} the --out folder of a prepare run?") from None
+    except (OSError, ValueError) as exc:
+        raise DataPrepError(f"{path}: unreadable ({exc}); re-run prepare with --force") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataPrepError(f"{path}: not a {FORMAT} manifest; re-run prepare with --force")
+    return manifest
+
+
+def shards_present(out: Path, manifest: dict) -> bool:
+    """Cheap check (names and sizes, no hashing) that the shards a manifest lists are on disk."""
+    for split in manifest.get("splits", {}).values():
+        for shard in split.get("shards", []):
+            path = Path(out) / shard["name"]
+            if not path.is_file() or path.stat().st_size != shard["size"]:
+                return False
+    return True
+
+
+def verify(out: str | Path) -> list[str]:
+    """Re-read every shard listed in ``out/manifest.json``; return the problems found (empty = OK).
+
+    Checks shard size and sha256, the brace pattern, per-shard and per-split sample and class
+    counts, that every sample has exactly a decodable `jpg` and a valid `cls`, that keys are unique
+    within a split, and that no stray `.tar` files sit next to the manifest.
+    """
+    out = Path(out)
+    try:
+        manifest = load_manifest(out)
+        classes = manifest["classes"]
+        splits = manifest["splits"]
+        problems = []
+        for split_name, split in splits.items():
+            problems += _verify_split(out, split_name, split, len(classes))
+        listed = {s["name"] for split in splits.values() for s in split["shards"]}
+        problems += [f"{p.name}: not listed in {MANIFEST}" for p in sorted(out.glob("*.tar")) if p.name not in listed]
+        return problems
+    except DataPrepError as exc:
+        return [str(exc)]
+    except (KeyError, TypeError) as exc:
+        return [f"{out / MANIFEST}: malformed, missing or wrong field {exc}"]
+
+
+def _verify_split(out: Path, split_name: str, split: dict, num_classes: int) -> list[str]:
+    problems = []
+    names = [s["name"] for s in split["shards"]]
+    if list(braceexpand.braceexpand(split["pattern"])) != names:
+        problems.append(f"{split_name}: pattern {split['pattern']!r} does not expand to the listed shards")
+    seen_keys: set[str] = set()
+    totals = [0] * num_classes
+    for shard in split["shards"]:
+        path = out / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        data = path.read_bytes()
+        if len(data) != shard["size"]:
+            problems.append(f"{shard['name']}: size {len(data)} != {shard['size']} in {MANIFEST}")
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 does not match {MANIFEST} (modified or corrupt)")
+        counts = [0] * num_classes
+        try:
+            # Read the way a WebDataset pipeline does, so key splitting matches what train.py sees.
+            for sample in tarfile_samples([{"url": str(path)}]):
+                problems += _check_sample(shard["name"], sample, num_classes, seen_keys, counts)
+        except Exception as exc:  # a damaged tar can fail in many ways; report, don't crash
+            problems.append(f"{shard['name']}: unreadable tar ({exc})")
+            continue
+        if sum(counts) != shard["num_samples"]:
+            problems.append(f"{shard['name']}: {sum(counts)} samples, {MANIFEST} says {shard['num_samples']}")
+        if "class_counts" in shard and counts != shard["class_counts"]:
+            problems.append(f"{shard['name']}: class counts {counts}, {MANIFEST} says {shard['class_counts']}")
+        totals = [a + b for a, b in zip(totals, counts)]
+    if sum(totals) != split["num_samples"]:
+        problems.append(f"{split_name}: {sum(totals)} samples in shards, {MANIFEST} says {split['num_samples']}")
+    if totals != split["class_counts"]:
+        problems.append(f"{split_name}: class counts {totals}, {MANIFEST} says {split['class_counts']}")
+    return problems
+
+
+def _check_sample(shard: str, sample: dict, num_classes: int, seen_keys: set[str], counts: list[int]) -> list[str]:
+    key = sample["__key__"]
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    if fields != ["cls", "jpg"]:
+        return [f"{shard}: sample {key!r} has entries {fields}, expected ['cls', 'jpg']"]
+    problems = []
+    if key in seen_keys:
+        problems.append(f"{shard}: duplicate key {key!r}")
+    seen_keys.add(key)
+    try:
+        label = int(sample["cls"].decode("ascii"))
+        assert 0 <= label < num_classes
+        counts[label] += 1
+    except (ValueError, AssertionError):
+        problems.append(f"{shard}: sample {key!r} has invalid cls {sample['cls']!r}")
+    try:
+        with Image.open(io.BytesIO(sample["jpg"])) as image:
+            assert image.format == "JPEG"
+            image.load()
+    except Exception:
+        problems.append(f"{shard}: sample {key!r} is not a fully decodable JPEG")
+    return problems

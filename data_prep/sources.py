@@ -1,0 +1,309 @@
+"""Where the images come from: the d2l download, a zip, or a folder; and which file is which sample.
+
+Three kinds of `--source`:
+
+* ``d2l``: download d2l's hotdog.zip into a cache directory (checked against its published sha1),
+  then handle it as a zip.
+* ``FILE.zip``: extracted (refusing zip-slip members) into a scratch folder; a single top-level
+  folder inside the zip (d2l's ``hotdog/``) is looked through.
+* ``DIR``: either the d2l layout ``train/`` + ``test/``, each with one folder per class, or a
+  folder of class folders that `--test-fraction` splits deterministically.
+
+`scan` turns a layout root into a sorted list of `SourceFile`s with their split, label and
+WebDataset key, so everything downstream is independent of filesystem listing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from tqdm import tqdm
+
+from .errors import DataPrepError
+from .fsutil import file_digests
+
+D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
+D2L_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
+# Tests point the download at an unreachable or local URL; not a user-facing option.
+URL_ENV = "HOTDOG_URL"
+CACHE_ENV = "HOTDOG_CACHE"
+DOWNLOAD_TIMEOUT_S = 30
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file destined for one sample."""
+
+    split: str  # "train" or "test"
+    label: int  # index into the sorted class names
+    rel: str  # POSIX path relative to the layout root, as reported in the manifest
+    key: str  # WebDataset __key__ (see docs/manifest.md)
+    path: Path
+
+
+@dataclass
+class Layout:
+    classes: list[str]
+    files: list[SourceFile]
+    # Files found where no sample can come from (e.g. loose files next to the class folders).
+    skipped: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- resolving --source
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hotdog-finetune")
+
+
+def resolve(source: str, cache_dir: str | Path | None = None, progress: bool = False) -> tuple[str, Path]:
+    """Return ``("zip", path)`` or ``("dir", path)`` for a `--source` value, downloading d2l if asked."""
+    if source == "d2l":
+        return "zip", fetch_d2l(Path(cache_dir) if cache_dir else default_cache_dir(), progress=progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataPrepError(f"--source {source}: no such file or directory; pass d2l, a .zip or a folder")
+    if path.is_dir():
+        return "dir", path
+    if zipfile.is_zipfile(path):
+        return "zip", path
+    raise DataPrepError(f"--source {source}: not a folder and not a valid zip file")
+
+
+def fetch_d2l(cache_dir: Path, *, progress: bool = False) -> Path:
+    """Return the path of a verified hotdog.zip in `cache_dir`, downloading it if needed.
+
+    The download streams to ``hotdog.zip.part`` and is renamed only after the sha1 matches, so an
+    interrupted or corrupt download never passes for the real file.
+    """
+    url = os.environ.get(URL_ENV) or D2L_URL
+    target = cache_dir / "hotdog.zip"
+    if target.exists():
+        if file_digests(target, "sha1")["sha1"] == D2L_SHA1:
+            return target
+        target.unlink()  # a stale or damaged copy: fetch it again
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    by_hand = f"fetch {D2L_URL} by hand and pass --source /path/to/hotdog.zip"
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="hotdog.zip", file=sys.stderr,
+                      disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
+        part.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise DataPrepError(f"could not download hotdog.zip ({reason}); {by_hand}") from None
+    sha1 = file_digests(part, "sha1")["sha1"]
+    if sha1 != D2L_SHA1:
+        part.unlink()
+        raise DataPrepError(f"downloaded hotdog.zip has sha1 {sha1}, expected {D2L_SHA1}; {by_hand}")
+    part.rename(target)
+    return target
+
+
+def fingerprint(kind: str, path: Path) -> str:
+    """A cheap identity of the input, for skipping a re-run whose output is already there.
+
+    A zip is hashed whole (it is one file, and the hash survives copies); a folder is identified
+    by every file's relative path, size and mtime, which changes whenever a file is edited,
+    added, removed or renamed, without reading the images.
+    """
+    if kind == "zip":
+        return "zip-sha256:" + file_digests(path, "sha256")["sha256"]
+    listing = sorted(
+        (p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in path.rglob("*")
+        if p.is_file()
+    )
+    return "dir-sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- zip extraction
+
+
+def safe_extract(zip_path: Path, dest: Path) -> Path:
+    """Extract `zip_path` into `dest`, refusing the whole archive if any member is unsafe.
+
+    Unsafe: an absolute path, a symbolic link, or a path that resolves outside `dest` ("zip-slip",
+    e.g. ``../../etc/cron.d/x``). Everything is checked before the first byte is written.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = zf.infolist()
+            for info in members:
+                why = _unsafe_member(info, root)
+                if why:
+                    raise DataPrepError(
+                        f"{zip_path}: refusing to extract member {info.filename!r}: {why} (zip-slip); "
+                        "the archive is unsafe, get a clean copy"
+                    )
+            for info in members:
+                target = root / info.filename
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise DataPrepError(f"{zip_path}: corrupt zip file ({exc}); download it again") from None
+    return dest
+
+
+def _unsafe_member(info: zipfile.ZipInfo, root: Path) -> str | None:
+    name = info.filename
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "it is a symbolic link"
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
+        return "absolute path"
+    if not (root / name).resolve().is_relative_to(root):
+        return "it would land outside the target directory"
+    return None
+
+
+def find_layout_root(root: Path) -> Path:
+    """Look through single wrapper folders, as in d2l's zip (``hotdog/train/...``)."""
+    for _ in range(3):
+        if all((root / s).is_dir() for s in SPLITS):
+            return root
+        entries = _visible(root.iterdir())
+        if len(entries) == 1 and entries[0].is_dir():
+            root = entries[0]
+        else:
+            break
+    return root
+
+
+# --------------------------------------------------------------------------- scanning a layout
+
+
+def _visible(paths) -> list[Path]:
+    """Drop hidden entries and macOS zip debris (``.DS_Store``, ``__MACOSX``), sorted by name."""
+    return sorted((p for p in paths if not p.name.startswith(".") and p.name != "__MACOSX"), key=lambda p: p.name)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return [p for p in _visible(folder.iterdir()) if p.is_dir()]
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Regular files below `folder` (any depth), skipping hidden ones, in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def scan(root: Path, *, test_fraction: float | None, seed: int) -> Layout:
+    """List the samples under a layout root (see module docstring for the accepted layouts)."""
+    has = {s: (root / s).is_dir() for s in SPLITS}
+    if any(has.values()):
+        if not all(has.values()):
+            missing = [s for s in SPLITS if not has[s]][0]
+            raise DataPrepError(
+                f"{root / missing}: missing folder; a d2l-layout source needs both train/ and test/"
+            )
+        if test_fraction is not None:
+            raise DataPrepError(
+                f"--test-fraction: {root} already has train/ and test/; drop the flag or pass a folder of class folders"
+            )
+        return _scan_split_layout(root)
+    if test_fraction is None:
+        raise DataPrepError(
+            f"--source {root}: no train/ and test/ folders; pass --test-fraction F to split its class folders"
+        )
+    return _scan_class_folders(root, test_fraction, seed)
+
+
+def _class_names(folder: Path, what: str) -> list[str]:
+    names = [p.name for p in _class_dirs(folder)]
+    if len(names) < 2:
+        raise DataPrepError(f"{folder}: found {len(names)} class folder(s) ({what}); need at least two, one per class")
+    return names
+
+
+def _loose_files(folder: Path, root: Path) -> list[dict]:
+    return [
+        {"path": p.relative_to(root).as_posix(), "reason": "not inside a class folder"}
+        for p in _visible(folder.iterdir())
+        if p.is_file()
+    ]
+
+
+def _scan_split_layout(root: Path) -> Layout:
+    classes = _class_names(root / "train", "train/")
+    test_classes = [p.name for p in _class_dirs(root / "test")]
+    if test_classes != classes:
+        raise DataPrepError(
+            f"{root}: train/test class mismatch: train/ has {classes}, test/ has {test_classes}; "
+            "give both splits the same class folders"
+        )
+    files, skipped = [], []
+    for split in SPLITS:
+        split_root = root / split
+        skipped += _loose_files(split_root, root)
+        paths = [(label, p) for label, name in enumerate(classes) for p in _files_under(split_root / name)]
+        files += _with_keys(split, paths, root, split_root)
+    return Layout(classes, files, skipped)
+
+
+def _scan_class_folders(root: Path, test_fraction: float, seed: int) -> Layout:
+    """Split each class separately (stratified) by a seeded hash of the relative path.
+
+    Hash order rather than a shuffled list: a file's split depends only on its own name and the
+    seed, so adding images to a class moves few existing ones between splits.
+    """
+    classes = _class_names(root, "no train/ and test/ found, so its subfolders are the classes")
+    chosen: dict[str, list[tuple[int, Path]]] = {s: [] for s in SPLITS}
+    for label, name in enumerate(classes):
+        paths = _files_under(root / name)
+        paths.sort(key=lambda p: hashlib.sha256(f"{seed}:{p.relative_to(root).as_posix()}".encode()).digest())
+        n = len(paths)
+        n_test = min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
+        chosen["test"] += [(label, p) for p in paths[:n_test]]
+        chosen["train"] += [(label, p) for p in paths[n_test:]]
+    files = []
+    for split in SPLITS:
+        chosen[split].sort(key=lambda lp: lp[1].relative_to(root).as_posix())
+        files += _with_keys(split, chosen[split], root, root)
+    return Layout(classes, files, _loose_files(root, root))
+
+
+def _with_keys(split: str, paths: list[tuple[int, Path]], root: Path, split_root: Path) -> list[SourceFile]:
+    """Attach unique WebDataset keys: relative path, extension dropped, dots in the stem -> "_".
+
+    WebDataset splits a tar member name at the first dot of its last component, so a stem such as
+    ``img.v2`` must not keep its dot. Collisions (``a.jpg`` and ``a.png``) get the extension
+    appended, then a counter; `paths` is sorted, so the outcome is deterministic.
+    """
+    used: set[str] = set()
+    out = []
+    for label, path in paths:
+        rel = PurePosixPath(path.relative_to(split_root).as_posix())
+        base = (rel.parent / rel.stem.replace(".", "_")).as_posix()
+        key = base
+        if key in used:
+            key = f"{base}_{rel.suffix.lstrip('.')}" if rel.suffix else base
+        n = 2
+        while key in used:
+            key, n = f"{base}_{n}", n + 1
+        used.add(key)
+        out.append(SourceFile(split, label, path.relative_to(root).as_posix(), key, path))
+    return out
