@@ -22,6 +22,10 @@ from PIL import Image, ImageFile
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+# Leading bytes of common image formats, to tell a damaged image from a file that is no image at all.
+_SIGNATURES = ((b"\xff\xd8", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WEBP"))
+
+
 @dataclass(frozen=True)
 class EncodeOptions:
     max_side: int | None = None  # scale down so that the longer side is at most this
@@ -48,8 +52,10 @@ def encode_file(path: Path, options: EncodeOptions) -> Encoded:
         return Encoded(digest, reason="zero-byte file")
     try:
         image = Image.open(io.BytesIO(data))
-    except Exception:  # Pillow raises several types for "not an image"; all mean the same here
-        return Encoded(digest, reason="not an image")
+    except Exception:  # Pillow raises several types for "cannot identify"; all mean the same here
+        # A recognisable signature means an image whose header is cut short or damaged.
+        fmt = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+        return Encoded(digest, reason=f"truncated or corrupt {fmt} (unreadable header)" if fmt else "not an image")
     fmt = image.format or "image"
     try:
         image.load()  # decodes every pixel: the only reliable truncation/corruption check
