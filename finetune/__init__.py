@@ -1,0 +1,12 @@
+"""Library code behind train.py: one module per concern (config, data, model, loop, checkpoint, monitor)."""
+
+__version__ = "0.1.0"
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, missing file): reported as one line, exit code 2."""
+
+
+# Exit code of a run that was asked to stop (preemption signal) and saved a checkpoint to resume from.
+# 75 is EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- slurm/finetune.sh requeues on it.
+EXIT_PREEMPTED = 75

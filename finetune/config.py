@@ -1,0 +1,226 @@
+"""One typed config. Every flag of train.py is generated from the fields below (help text included),
+so each option is defined and documented exactly once. `--config run.yaml` supplies values, the command
+line overrides them, and the effective config is saved as `config.yaml` in the run directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also catches nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _opt(help: str, *, type=None, choices=None, flag: str | None = None, default=None, **kw):
+    """A dataclass field carrying its argparse metadata."""
+    return field(default=default, metadata=dict(help=help, type=type, choices=choices, flag=flag), **kw)
+
+
+@dataclass
+class Config:
+    # ---- data and run directory -------------------------------------------------------------------
+    data: str = _opt("shard directory with manifest.json, written by `python -m data_prep`", default="")
+    name: str = _opt("run name; the run directory defaults to runs/<name>", default="hotdog-resnet18")
+    output_dir: str = _opt("run directory (default: runs/<name> under the current directory)", default="")
+    # ---- the d2l recipe ---------------------------------------------------------------------------------
+    epochs: int = _opt("number of epochs (d2l: 5)", type=_positive_int, default=5)
+    batch_size: int = _opt("GLOBAL batch size per optimizer step, split evenly over all processes (d2l: 128)",
+                           type=_positive_int, default=128)
+    lr: float = _opt("backbone learning rate per global batch (d2l: 5e-5 fine-tuning; 5e-4 with --scratch "
+                     "when not given)", type=_positive_float, default=None)
+    head_lr_mult: float = _opt("the new fc head learns at lr x this (d2l: 10)", type=_positive_float, default=10.0)
+    weight_decay: float = _opt("SGD weight decay (d2l: 1e-3, on all parameters)", type=_nonneg_float,
+                               default=1e-3)
+    momentum: float = _opt("SGD momentum (d2l: 0)", type=_nonneg_float, default=0.0)
+    no_decay_norm_bias: bool = _opt("exempt BatchNorm weights and all biases from weight decay", default=False)
+    loss_reduction: str = _opt("'sum' sums the loss over the global batch like d2l's l.sum(); 'mean' averages; "
+                               "both are independent of the number of processes", choices=("sum", "mean"),
+                               default="sum")
+    # ---- model ------------------------------------------------------------------------------------------
+    pretrained: str = _opt("backbone weights: 'imagenet' (torchvision IMAGENET1K_V1 via TORCH_HOME), 'none', "
+                           "or PATH to a ResNet-18 state dict", default="imagenet")
+    scratch: bool = _opt("train from random init with one lr group (d2l's comparison; lr default 5e-4)",
+                         default=False)
+    freeze_backbone: bool = _opt("train only the new head (d2l exercise 3)", default=False)
+    head_init: str = _opt("head init: 'xavier' (d2l) or 'imagenet-class:N' to start the hotdog row from the "
+                          "pretrained fc row N (d2l exercise 4: 934 is ImageNet's hot dog)", default="xavier")
+    freeze_bn: bool = _opt("keep BatchNorm running statistics fixed (eval mode), common with small per-GPU "
+                           "batches", default=False)
+    sync_bn: bool = _opt("synchronise BatchNorm statistics across processes (GPU only)", default=False)
+    # ---- optimisation -----------------------------------------------------------------------------------
+    schedule: str = _opt("lr schedule per optimizer step (d2l: constant)", choices=("constant", "cosine", "step"),
+                         default="constant")
+    warmup_steps: int = _opt("linear lr warm-up over this many optimizer steps", type=_nonneg_int, default=0)
+    step_epochs: int = _opt("with --schedule step: decay every this many epochs", type=_positive_int, default=2)
+    gamma: float = _opt("with --schedule step: multiply the lr by this at each decay", type=_positive_float,
+                        default=0.1)
+    grad_accum: int = _opt("split each process's share of the global batch into this many micro-batches",
+                           type=_positive_int, default=1)
+    clip_grad: float = _opt("clip the global gradient norm to this (0: off)", type=_nonneg_float, default=0.0)
+    # ---- speed ----------------------------------------------------------------------------------------
+    precision: str = _opt("mixed precision: auto (bf16 where supported, else fp16 on GPU), no, fp16 (GPU only), "
+                          "bf16", choices=PRECISIONS, default="auto")
+    channels_last: bool = _opt("use the channels_last memory format (faster convolutions)", default=True)
+    compile: bool = _opt("torch.compile the model", default=False)
+    workers: int = _opt("data loader worker processes per process (-1: auto from the CPUs per process)",
+                        type=int, default=-1)
+    image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
+                           "image_size*256/224 first", type=_positive_int, default=224)
+    shuffle_buffer: int = _opt("samples in each worker's shuffle buffer", type=_nonneg_int, default=1000)
+    data_order: str = _opt("'random': resampled shards and a shuffle buffer per worker (fast, the default); "
+                           "'sequential': the manifest order, split into the same global batches whatever "
+                           "the number of processes (reproducible across world sizes, for debugging)",
+                           choices=("random", "sequential"), default="random")
+    # ---- run length, evaluation, logging ------------------------------------------------------------------
+    max_steps_per_epoch: int = _opt("cap optimizer steps per epoch (0: train_samples // batch_size)",
+                                    type=_nonneg_int, default=0)
+    eval_limit: int = _opt("evaluate only the first N test samples (0: all)", type=_nonneg_int, default=0)
+    log_every: int = _opt("log train loss/acc to TensorBoard every N steps", type=_positive_int, default=10)
+    timing_warmup: int = _opt("steps at the start of each epoch left out of examples/sec", type=_nonneg_int,
+                              default=2)
+    seed: int = _opt("random seed (model head, data order, augmentation)", type=int, default=0)
+    # ---- checkpoints and preemption --------------------------------------------------------------------
+    save_every: int = _opt("also checkpoint every N optimizer steps (0: only at epoch ends)", type=_nonneg_int,
+                           default=0)
+    keep_last: int = _opt("checkpoints to keep (plus best.pt, the best by test accuracy)", type=_positive_int,
+                          default=2)
+    resume: str = _opt("'auto': newest complete checkpoint of the run directory if any; or PATH; '': start fresh",
+                       default="")
+    preempt_signals: str = _opt("comma-separated signals that request checkpoint-and-exit (code 75)",
+                                default="USR1,TERM")
+    collective_timeout: int = _opt("seconds before a collective waiting on a dead rank fails (torch default "
+                                   "is 30 min)", type=_positive_int, default=60)
+    # ---- debug ----------------------------------------------------------------------------------------
+    debug: bool = _opt("single-process smoke run: tiny subset, 2 short epochs, workers 0, fp32, anomaly "
+                       "detection, deterministic algorithms", default=False)
+
+    # -----------------------------------------------------------------------------------------------------
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune ImageNet-pretrained ResNet-18 on hotdog / not-hotdog shards (d2l recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
+    for f in fields(Config):
+        md = f.metadata
+        if f.type in ("bool", bool):
+            # --x / --no-x, so a YAML 'true' can be switched off from the command line
+            parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=md["help"] + f" (default: {f.default})")
+        else:
+            parser.add_argument(_flag(f), dest=f.name, type=md["type"] or str, choices=md["choices"],
+                                default=argparse.SUPPRESS, metavar=None if md["choices"] else f.name.upper(),
+                                help=md["help"] + f" (default: {f.default})")
+    return parser
+
+
+def _from_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as e:
+        parser.error(f"--config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of option: value")
+    known = {f.name: f for f in fields(Config)}
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            parser.error(f"--config {path}: unknown option '{key}'")
+        f = known[name]
+        # Re-use the flag's own validation so a YAML value is checked exactly like a command-line one.
+        if value is not None and f.type not in ("bool", bool):
+            try:
+                value = (f.metadata["type"] or str)(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"--config {path}: {key}: {e}")
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                parser.error(f"--config {path}: {key}: choose from {', '.join(f.metadata['choices'])}")
+        values[name] = value
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Defaults < YAML file < command line; then derived defaults and cross-field checks."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    values = _from_yaml(args.pop("config"), parser) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    cfg = Config(**values)
+    if cfg.debug:
+        # A smoke run: small and deterministic. Explicit flags still win for the sizes.
+        given = set(args) | set(values)
+        cfg.epochs = cfg.epochs if "epochs" in given else 2
+        cfg.batch_size = cfg.batch_size if "batch_size" in given else 8
+        cfg.max_steps_per_epoch = cfg.max_steps_per_epoch or 3
+        cfg.eval_limit = cfg.eval_limit or 16
+        cfg.workers = 0
+        cfg.precision = "no"
+        cfg.data_order = "sequential"
+        cfg.timing_warmup = min(cfg.timing_warmup, 1)
+    if cfg.lr is None:
+        cfg.lr = 5e-4 if cfg.scratch else 5e-5
+    if cfg.scratch and cfg.pretrained not in ("imagenet", "none"):
+        parser.error("--scratch trains from random init; drop --pretrained PATH")
+    if cfg.scratch and cfg.freeze_backbone:
+        parser.error("--scratch and --freeze-backbone contradict each other (a frozen random backbone)")
+    if cfg.head_init != "xavier":
+        prefix, _, num = cfg.head_init.partition(":")
+        if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
+            parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
+    if not cfg.data:
+        parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,277 @@
+"""Data: the manifest (the contract with data_prep, see docs/manifest.md), the WebDataset train and eval
+streams, and the d2l transforms.
+
+Design, in brief:
+- Images travel as uint8 tensors (decode_jpeg + crop/flip on uint8) and are normalised on the device,
+  which is cheaper per image than PIL + float transforms and moves 4x fewer bytes to the GPU.
+- Every random choice comes from an explicit seed -- (seed, epoch, rank, worker, sample) -- so a run is
+  reproducible and a resumed run can fast-forward to the exact batch it stopped at without decoding.
+- Training streams are infinite (resampled shards), so every rank can run exactly
+  `train_samples // global_batch` steps: ranks never run out at different times, which is what hangs
+  DDP when shards split unevenly.
+- Evaluation assigns each test sample to exactly one rank (global index modulo world size); the sums
+  are all-reduced by the caller and the total is checked against the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from . import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Manifest
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    name: str
+    num_samples: int
+    shards: list[dict]          # [{"name", "num_samples", "size", "sha256"}] in manifest order
+    urls: list[str]             # absolute paths of the shards
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global index of each shard's first sample (manifest order)."""
+        return [0] + list(itertools.accumulate(s["num_samples"] for s in self.shards))[:-1]
+
+
+@dataclass
+class Manifest:
+    root: Path
+    classes: list[str]
+    train: Split
+    test: Split
+
+
+def load_manifest(data_dir: str | os.PathLike) -> Manifest:
+    root = Path(data_dir)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise UsageError(f"--data {data_dir}: no manifest.json there; create shards with "
+                         f"`python -m data_prep --source DIR --out {data_dir}`")
+    try:
+        raw = json.loads(path.read_text())
+        classes = list(raw["classes"])
+        splits = {}
+        for name in ("train", "test"):
+            s = raw["splits"][name]
+            shards = [dict(name=x["name"], num_samples=int(x["num_samples"]), size=int(x["size"]),
+                           sha256=x["sha256"]) for x in s["shards"]]
+            splits[name] = Split(name, int(s["num_samples"]), shards, [str(root / x["name"]) for x in shards])
+            if sum(x["num_samples"] for x in shards) != splits[name].num_samples:
+                raise ValueError(f"{name}: shard counts do not add up to num_samples")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); re-run data_prep")
+    if len(classes) < 2:
+        raise UsageError(f"{path}: needs at least two classes, found {classes}")
+    return Manifest(root, classes, splits["train"], splits["test"])
+
+
+def check_shards(manifest: Manifest, hash_limit_bytes: int = 1 << 30) -> str | None:
+    """Compare shards with the manifest: sizes always, sha256 too when the set is small enough to hash in
+    seconds. Returns a one-line problem description, or None."""
+    shards = [(s, u) for split in (manifest.train, manifest.test) for s, u in zip(split.shards, split.urls)]
+    for shard, url in shards:
+        if not os.path.isfile(url):
+            return f"shard {url} is missing; re-run data_prep or fix --data"
+        if os.path.getsize(url) != shard["size"]:
+            return (f"shard {url} has {os.path.getsize(url)} bytes, manifest says {shard['size']}: damaged or "
+                    f"replaced; re-run data_prep (python -m data_prep verify {manifest.root} shows all problems)")
+    if sum(s["size"] for s, _ in shards) <= hash_limit_bytes:
+        for shard, url in shards:
+            h = hashlib.sha256()
+            with open(url, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != shard["sha256"]:
+                return f"shard {url} fails its sha256 check: damaged; re-run data_prep"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Transforms (d2l: RandomResizedCrop(224) + flip for training; Resize(256, 256) + CenterCrop(224) for eval)
+# ------------------------------------------------------------------------------------------------------
+def decode(data: bytes) -> torch.Tensor:
+    """JPEG bytes -> uint8 RGB tensor [3, H, W]."""
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def random_resized_crop_params(height: int, width: int, rng: random.Random,
+                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling, driven by an explicit RNG (so it is seedable per sample)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: the whole image, clamped to the ratio range (as torchvision does).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(img: torch.Tensor, size: int, rng: random.Random) -> torch.Tensor:
+    top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], rng)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    return TF.horizontal_flip(img) if rng.random() < 0.5 else img
+
+
+def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
+    resize = round(size * 256 / 224)   # d2l: Resize([256, 256]) then CenterCrop(224); scaled for other sizes
+    img = TF.resize(img, [resize, resize], antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+def preprocess_spec(image_size: int) -> dict:
+    """What predict.py needs to reproduce the eval preprocessing (saved in model.pt)."""
+    return dict(resize=[round(image_size * 256 / 224)] * 2, crop=image_size, mean=list(IMAGENET_MEAN),
+                std=list(IMAGENET_STD))
+
+
+class DeviceNormalizer:
+    """uint8 [B,3,H,W] on the host -> normalised float on the device (in the layout the model wants)."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scale = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        self.shift = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        images = images.to(self.device, non_blocking=True).float().sub_(self.shift).div_(self.scale)
+        return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
+
+
+def collate(samples: list[tuple[torch.Tensor, int]]):
+    images, labels = zip(*samples)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Streams
+# ------------------------------------------------------------------------------------------------------
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _indexed_samples(urls: list[str], offsets: list[int]):
+    """Samples of the given shards, in order, each tagged with its global index in the split."""
+    for url, offset in zip(urls, offsets):
+        for i, sample in enumerate(wds.tarfile_samples([dict(url=url)])):
+            yield offset + i, sample
+
+
+class TrainStream(IterableDataset):
+    """Micro-batches of uint8 images for ONE rank. Set `.epoch` and `.skip` before iterating.
+
+    random:     each worker draws shards with replacement (seed, epoch, rank, worker) through a shuffle
+                buffer; an infinite stream, cut to length by the caller.
+    sequential: the manifest order; global batch k holds samples [k*B, (k+1)*B), rank r takes its slice of
+                it. Independent of the world size, so 1 process x B equals 2 processes x B/2.
+    `skip` = loader batches already consumed this epoch (resume); skipped before decoding."""
+
+    def __init__(self, split: Split, *, rank: int, world_size: int, micro_batch: int, accum: int,
+                 steps: int, image_size: int, seed: int, order: str, shuffle_buffer: int):
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.micro_batch, self.accum, self.steps = micro_batch, accum, steps
+        self.image_size, self.seed, self.order, self.shuffle_buffer = image_size, seed, order, shuffle_buffer
+        self.epoch, self.skip = 0, 0
+
+    def _random(self, worker: int, num_workers: int):
+        rng = random.Random(f"shards-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        urls = self.split.urls
+        shard_stream = (dict(url=rng.choice(urls)) for _ in itertools.count())
+        samples = wds.tarfile_samples(shard_stream)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
+        my_skip = len(range(worker, self.skip, num_workers)) * self.micro_batch
+        tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        for n, sample in enumerate(samples):
+            if n >= my_skip:
+                yield f"{tag}-{n}", sample
+
+    def _sequential(self, worker: int, num_workers: int):
+        global_batch = self.micro_batch * self.accum * self.world_size
+        per_rank = global_batch // self.world_size
+        limit = self.steps * global_batch
+        for g, sample in _indexed_samples(self.split.urls, self.split.offsets):
+            if g >= limit:
+                return
+            k, p = divmod(g, global_batch)
+            r, q = divmod(p, per_rank)
+            i = k * self.accum + q // self.micro_batch   # this rank's loader-batch index
+            if r == self.rank and i % num_workers == worker and i >= self.skip:
+                yield f"{self.seed}-{self.epoch}-{g}", sample
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        source = self._random if self.order == "random" else self._sequential
+        batch = []
+        for seed_key, sample in source(worker, num_workers):
+            rng = random.Random(seed_key)
+            batch.append((train_transform(decode(sample["jpg"]), self.image_size, rng), int(sample["cls"])))
+            if len(batch) == self.micro_batch:
+                yield collate(batch)
+                batch = []
+
+
+class EvalStream(IterableDataset):
+    """Each test sample exactly once over all ranks: rank r takes global indices g with g % world == r
+    (and g < limit); within a rank, workers take disjoint shards. Yields (images, labels, count)."""
+
+    def __init__(self, split: Split, *, rank: int, world_size: int, batch: int, image_size: int, limit: int):
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.batch, self.image_size, self.limit = batch, image_size, limit
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        mine = [(u, o) for j, (u, o) in enumerate(zip(self.split.urls, self.split.offsets))
+                if j % num_workers == worker]
+        batch = []
+        for g, sample in _indexed_samples([u for u, _ in mine], [o for _, o in mine]):
+            if g % self.world_size != self.rank or (self.limit and g >= self.limit):
+                continue
+            batch.append((eval_transform(decode(sample["jpg"]), self.image_size), int(sample["cls"])))
+            if len(batch) == self.batch:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    # Not passed through accelerator.prepare: that would re-shard or dispatch what the streams already split.
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers else None)
+
+
+def auto_workers(local_processes: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, local_processes)))

@@ -1,0 +1,100 @@
+"""The training loop: one epoch of optimizer steps, and an exact-once evaluation."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed
+from .model import lr_factor, set_lr, set_train_mode
+from .monitor import StepTimer
+
+
+def batch_loss(model, images, labels, accelerator, scale: float):
+    """Forward pass. Returns (loss to backprop, per-sample losses, correct count).
+
+    `scale` makes the update depend only on the global batch, however it is split: DDP averages gradients
+    over W processes, so the local sum is multiplied by W (sum over the global batch, d2l's `l.sum()`),
+    and additionally divided by the global batch size for --loss-reduction mean."""
+    with accelerator.autocast():
+        logits = model(images)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    correct = (logits.argmax(dim=1) == labels).sum()
+    return losses.sum() * scale, losses.detach(), correct
+
+
+def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, monitor, preempt,
+                    epoch: int, start: int, steps: int, steps_per_epoch: int, global_step: int,
+                    sums: torch.Tensor, on_save) -> dict:
+    """Runs optimizer steps start..steps-1 of `epoch`. `sums` = [loss sum, correct, samples] of this rank,
+    carried in from a resumed checkpoint. Stops early (preempted=True) when any rank got a preemption
+    signal; all ranks stop after the same step."""
+    world = accelerator.num_processes
+    scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
+    set_train_mode(model, cfg.freeze_bn)
+    timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    preempted, step = False, start
+    epoch_start = time.perf_counter()
+    timer.start()
+    for step in range(start, steps):
+        set_lr(optimizer, lr_factor(cfg, global_step, steps_per_epoch))
+        for micro in range(cfg.grad_accum):
+            images, labels = normalize(*timer.fetch(batches))
+            # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+            sync = micro == cfg.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss, losses, correct = batch_loss(model, images, labels, accelerator, scale)
+                accelerator.backward(loss)
+            sums += torch.stack([losses.sum(), correct, torch.tensor(len(labels), device=losses.device)]).to(sums)
+        if cfg.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        timer.step_done()
+        bar.update(1)
+
+        if global_step % cfg.log_every == 0:
+            loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
+            monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, global_step)
+        if cfg.save_every and global_step % cfg.save_every == 0 and step + 1 < steps:
+            on_save(epoch, step + 1, global_step, sums)
+        # One tiny all-reduce per step: every rank learns whether any rank was asked to stop.
+        if distributed.any_rank(preempt.requested, accelerator.device):
+            preempted = True
+            break
+    bar.close()
+
+    loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
+    data_s, compute_s = (x / world for x in distributed.all_reduce([timer.data, timer.compute],
+                                                                    accelerator.device))
+    counted = timer.steps * cfg.batch_size
+    return dict(preempted=preempted, step_in_epoch=step + 1, global_step=global_step,
+                epoch_time=time.perf_counter() - epoch_start,
+                train_loss=loss_sum / max(n, 1), train_acc=correct_sum / max(n, 1), train_samples=int(n),
+                examples_per_sec=counted / (data_s + compute_s) if counted else 0.0,
+                compute_examples_per_sec=counted / compute_s if counted else 0.0,
+                data_wait_frac=data_s / (data_s + compute_s) if counted else 0.0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, accelerator, normalize) -> dict:
+    """Each rank evaluates its disjoint share (see data.EvalStream); the sums are all-reduced.
+    `model` must be the unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
+    with different numbers of eval batches would not match."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    start = time.perf_counter()
+    for images, labels in loader:
+        images, labels = normalize(images, labels)
+        _, losses, correct = batch_loss(model, images, labels, accelerator, 1.0)
+        sums += torch.stack([losses.sum(), correct, torch.tensor(len(labels), device=losses.device)]).to(sums)
+    loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
+    return dict(test_loss=loss_sum / max(n, 1), test_acc=correct_sum / max(n, 1), test_samples=int(n),
+                eval_time=time.perf_counter() - start)

@@ -1,0 +1,107 @@
+"""What a run reports: TensorBoard scalars and hparams (main process only), the examples/sec meter
+(end-to-end and compute-only, warm-up steps excluded), d2l-style console lines printed once per job, and
+metrics.json in the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class StepTimer:
+    """Splits each step's wall time into waiting for data and computing. The first `warmup` steps of an
+    epoch (worker start-up, cudnn autotuning, compilation) are left out of the rates."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.data = self.compute = 0.0
+        self.steps = 0
+        self.seen = 0
+        self._t = None
+
+    def start(self):
+        self._t = time.perf_counter()
+        self._data_dt = 0.0
+
+    def fetch(self, iterator):
+        """next(iterator), timed as data wait."""
+        t = time.perf_counter()
+        item = next(iterator)
+        self._data_dt += time.perf_counter() - t
+        return item
+
+    def step_done(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)   # otherwise the GPU's backlog is billed to the next data wait
+        now = time.perf_counter()
+        total, self._t = now - self._t, now
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.data += self._data_dt
+            self.compute += total - self._data_dt
+            self.steps += 1
+        self._data_dt = 0.0
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.writer = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def print(self, *args, **kw):
+        """Once per job: the global main process (accelerator.print would print once per node)."""
+        if self.is_main:
+            print(*args, **kw, flush=True)
+
+    def scalars(self, values: dict, step: int):
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def epoch_end(self, record: dict, optimizer, step: int, devices: list[str]):
+        """TensorBoard scalars of one epoch and the d2l-style console lines."""
+        values = {"train/loss": record["train_loss"], "train/acc": record["train_acc"],
+                  "test/loss": record["test_loss"], "test/acc": record["test_acc"],
+                  "perf/examples_per_sec": record["examples_per_sec"],
+                  "perf/compute_examples_per_sec": record["compute_examples_per_sec"],
+                  "perf/data_wait_frac": record["data_wait_frac"], "perf/epoch_time_s": record["epoch_time"]}
+        values.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+        if torch.cuda.is_available():
+            values["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.scalars(values, step)
+        self.print(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
+                   f"test acc {record['test_acc']:.3f} ({record['test_samples']} test images)")
+        self.print(f"{record['examples_per_sec']:.1f} examples/sec on [{', '.join(devices)}] "
+                   f"(compute only {record['compute_examples_per_sec']:.1f}, data wait "
+                   f"{100 * record['data_wait_frac']:.1f}%, epoch {record['epoch_time']:.1f}s)")
+
+    def hparams(self, hparams: dict, metrics: dict):
+        """hparams with final metrics, in the run's own event directory (TensorBoard's HPARAMS tab)."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        exp, ssi, sei = hp_summary(clean, metrics)
+        fw = self.writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            fw.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value)
+
+    def write_metrics(self, metrics: dict):
+        if self.is_main:
+            path = self.run_dir / "metrics.json"
+            tmp = path.with_name(".metrics.json.tmp")
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, path)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
