@@ -4,4 +4,6 @@ import sys
 
 from . import main
 
-sys.exit(main())
+# The guard matters: a "spawn" worker process re-imports this module and must not run the CLI.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,6 +52,8 @@ def encode_file(path: Path, options: EncodeOptions) -> Encoded:
         return Encoded(digest, reason="zero-byte file")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        return Encoded(digest, reason=f"image too large ({exc})")
     except Exception:  # Pillow raises several types for "cannot identify"; all mean the same here
         # A recognisable signature means an image whose header is cut short or damaged.
         fmt = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
