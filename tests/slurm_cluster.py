@@ -85,12 +85,13 @@ def _free_port_block(count: int, start: int = 16817, stop: int = 30000) -> int:
 
 class LocalSlurmCluster:
     def __init__(self, workdir: os.PathLike | str, num_nodes: int = 2, gpus_per_node: int = 2,
-                 cpus_per_node: int | None = None, debug: str = "info"):
+                 cpus_per_node: int | None = None, debug: str = "info", first_job_id: int = 1):
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
         self.gpus_per_node = gpus_per_node
         self.cpus_per_node = cpus_per_node
         self.debug = debug
+        self.first_job_id = first_job_id
         self.nodes = ["node%d" % k for k in range(num_nodes)]
         self.conf = self.workdir / "etc" / "slurm.conf"
         self.munge_socket = self.workdir / "munge" / "munge.socket"
@@ -183,6 +184,7 @@ class LocalSlurmCluster:
             "SwitchType=switch/none",
             "ReturnToService=2",
             "JobRequeue=1",
+            "FirstJobId=%d" % self.first_job_id,
             "MinJobAge=600",
             "KillWait=10",
             "InactiveLimit=0",
