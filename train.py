@@ -183,6 +183,7 @@ def run(cfg) -> int:
                                     arch="resnet18", preprocess=preprocess_spec(cfg.image_size),
                                     weights=weights, test_acc=final.get("test_acc")),
                                run_dir / "model.pt")
+    distributed.write_rank_file(run_dir, {**who["me"], "final_param_sha256": distributed.param_digest(plain_model)})
     monitor.close()
     monitor.print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
     accelerator.end_training()

@@ -64,7 +64,8 @@ class Config:
     weight_decay: float = _opt("SGD weight decay (d2l: 1e-3, on all parameters)", type=_nonneg_float,
                                default=1e-3)
     momentum: float = _opt("SGD momentum (d2l: 0)", type=_nonneg_float, default=0.0)
-    no_decay_norm_bias: bool = _opt("exempt BatchNorm weights and all biases from weight decay", default=False)
+    decay_norm_bias: bool = _opt("apply weight decay to BatchNorm weights and biases too (d2l); "
+                                 "--no-decay-norm-bias exempts them", default=True)
     loss_reduction: str = _opt("'sum' sums the loss over the global batch like d2l's l.sum(); 'mean' averages; "
                                "both are independent of the number of processes", choices=("sum", "mean"),
                                default="sum")
@@ -73,7 +74,8 @@ class Config:
                            "or PATH to a ResNet-18 state dict", default="imagenet")
     scratch: bool = _opt("train from random init with one lr group (d2l's comparison; lr default 5e-4)",
                          default=False)
-    freeze_backbone: bool = _opt("train only the new head (d2l exercise 3)", default=False)
+    freeze_backbone: bool = _opt("train only the new head; BatchNorm statistics stay fixed too (d2l exercise 3)",
+                                 default=False)
     head_init: str = _opt("head init: 'xavier' (d2l) or 'imagenet-class:N' to start the hotdog row from the "
                           "pretrained fc row N (d2l exercise 4: 934 is ImageNet's hot dog)", default="xavier")
     freeze_bn: bool = _opt("keep BatchNorm running statistics fixed (eval mode), common with small per-GPU "

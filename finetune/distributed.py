@@ -3,6 +3,7 @@ who is who, cross-rank agreement and reductions. The training loop itself reads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -61,17 +62,31 @@ def describe(accelerator: Accelerator, run_dir: Path) -> dict:
     me = dict(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
               world_size=accelerator.num_processes, node_rank=node_rank(), hostname=socket.gethostname(),
               device=str(accelerator.device), pid=os.getpid())
-    ranks = run_dir / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    tmp = ranks / f".rank-{me['rank']}.json.tmp"
-    tmp.write_text(json.dumps(me))
-    os.replace(tmp, ranks / f"rank-{me['rank']}.json")
+    write_rank_file(run_dir, me)
     everyone = gather_object([me]) if accelerator.num_processes > 1 else [me]
-    return dict(world_size=accelerator.num_processes,
+    return dict(me=me, world_size=accelerator.num_processes,
                 nodes=len({(r["hostname"], r["node_rank"]) for r in everyone}),
                 devices=[r["device"] for r in everyone],
                 backend=dist.get_backend() if dist.is_initialized() else "none",
                 precision=accelerator.mixed_precision)
+
+
+def write_rank_file(run_dir: Path, info: dict) -> None:
+    """ranks/rank-N.json: who this rank is, and at the end a digest of its parameters (equal on all ranks
+    when DDP kept them in sync)."""
+    ranks = run_dir / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
+    tmp = ranks / f".rank-{info['rank']}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, ranks / f"rank-{info['rank']}.json")
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def agree(accelerator: Accelerator, problem: str | None) -> None:

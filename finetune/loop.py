@@ -35,10 +35,11 @@ def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, m
     signal; all ranks stop after the same step."""
     world = accelerator.num_processes
     scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
-    set_train_mode(model, cfg.freeze_bn)
+    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone)
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
     bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+               disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
+               dynamic_ncols=True)
     preempted, step = False, start
     epoch_start = time.perf_counter()
     timer.start()

@@ -89,7 +89,8 @@ def build_model(cfg, classes: list[str]) -> tuple[nn.Module, str]:
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """model.train(), except BatchNorm layers stay in eval mode (fixed running stats) under --freeze-bn."""
+    """model.train(), except BatchNorm layers stay in eval mode (fixed running stats) under --freeze-bn
+    (and --freeze-backbone: a frozen backbone should not drift through its running statistics either)."""
     model.train()
     if freeze_bn:
         for m in model.modules():
@@ -106,7 +107,7 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
         if not p.requires_grad:
             continue
         part = "head" if split_head and name.startswith(HEAD + ".") else ("backbone" if split_head else "all")
-        no_decay = cfg.no_decay_norm_bias and p.ndim <= 1
+        no_decay = not cfg.decay_norm_bias and p.ndim <= 1
         key = part + ("_no_decay" if no_decay else "")
         if key not in groups:
             lr = cfg.lr * (cfg.head_lr_mult if part == "head" else 1.0)

@@ -1,0 +1,78 @@
+"""Shared test fixtures: tiny synthetic shards, a locally saved ResNet-18 state dict (never a hub), and a
+runner for train.py as a real subprocess (1 process, or 2 through `accelerate launch` on CPU/gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+# Small enough for a 2-core CPU: 32 px images, a handful of steps.
+TINY = ["--batch-size", "8", "--image-size", "32", "--workers", "0", "--precision", "no", "--log-every", "1"]
+
+
+def _prep(tmp: Path, name: str, train_per_class: int, test_per_class: int, per_shard: int,
+          drop_test: int = 0) -> Path:
+    from data_prep import main as data_prep_main
+    from data_prep.synthetic import make_synthetic
+    src = make_synthetic(tmp / f"{name}-src", train_per_class=train_per_class, test_per_class=test_per_class,
+                         min_side=32, max_side=56, seed=1)
+    for path in sorted((src / "test" / "not-hotdog").glob("*.jpg"))[:drop_test]:
+        path.unlink()    # an odd test count: the eval split over 2 ranks is uneven
+    out = tmp / name
+    assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", str(per_shard),
+                           "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """40 train samples in 5 shards (uneven over 2 ranks), 13 test samples in 2 shards."""
+    return _prep(tmp_path_factory.mktemp("data"), "shards", 20, 7, per_shard=8, drop_test=1)
+
+
+@pytest.fixture(scope="session")
+def imagenet_like(tmp_path_factory) -> Path:
+    """A ResNet-18 state dict with a 1000-class fc, saved locally: stands in for ImageNet weights."""
+    torch.manual_seed(123)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-local.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    return path
+
+
+def run_train(args: list, *, procs: int = 1, env: dict | None = None, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py for real. procs=2 uses `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1:
+    two gloo processes (note: `accelerate launch --cpu --num_processes 2` would start only one)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else "2", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    if procs == 1:
+        cmd = [PYTHON, "train.py"]
+    else:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "train.py"]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def load_model_pt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,238 @@
+"""train.py on CPU with real processes: DDP over gloo through `accelerate launch`, exact-once evaluation,
+TensorBoard contents, world-size invariance of one update, and the model/optimizer options."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
+from finetune import UsageError
+from finetune.config import parse_config
+from finetune.model import build_model, build_optimizer
+
+TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr/backbone", "lr/head",
+        "perf/examples_per_sec", "perf/compute_examples_per_sec", "perf/data_wait_frac", "perf/epoch_time_s"}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(shards, imagenet_like, tmp_path_factory):
+    """One 2-process run shared by the DDP assertions: 5 train shards (uneven over 2 ranks), 13 test images."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", "2",
+                      "--batch-size", "8", *TINY, "--workers", "1"], procs=2, timeout=400)
+    return run_dir, proc
+
+
+def test_two_processes_really_run_ddp(ddp_run):
+    run_dir, proc = ddp_run
+    assert "world_size=2 " in proc.stdout and "backend=gloo" in proc.stdout
+    ranks = [read_json(run_dir / "ranks" / f"rank-{r}.json") for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+    # DDP kept the parameters identical on both ranks, and model.pt holds exactly them.
+    digests = {r["final_param_sha256"] for r in ranks}
+    assert len(digests) == 1
+    saved = load_model_pt(run_dir)
+    from finetune.distributed import param_digest
+    model = build_model(parse_config(["--data", "x", "--pretrained", "none"]), saved["classes"])[0]
+    model.load_state_dict(saved["state_dict"])
+    assert param_digest(model) == digests.pop()
+
+
+def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
+    run_dir, _ = ddp_run
+    manifest = read_json(shards / "manifest.json")
+    metrics = read_json(run_dir / "metrics.json")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for e in metrics["epochs"]:
+        assert e["test_samples"] == manifest["splits"]["test"]["num_samples"] == 13
+        assert e["train_samples"] == (40 // 8) * 8      # every rank ran train_samples // global_batch steps
+    assert metrics["final"]["epoch"] == 2 and metrics["world_size"] == 2
+
+
+def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
+    run_dir, _ = ddp_run
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert TAGS <= tags, TAGS - tags
+    last = {t: events.Scalars(t)[-1].value for t in TAGS}
+    assert 0 <= last["train/acc"] <= 1 and 0 <= last["test/acc"] <= 1
+    assert math.isfinite(last["train/loss"]) and last["train/loss"] > 0 and last["test/loss"] > 0
+    assert last["perf/examples_per_sec"] > 0 and last["perf/compute_examples_per_sec"] >= last["perf/examples_per_sec"]
+    assert 0 <= last["perf/data_wait_frac"] < 1 and last["perf/epoch_time_s"] > 0
+    assert last["lr/backbone"] == pytest.approx(5e-5) and last["lr/head"] == pytest.approx(5e-4)
+    assert len(events.Scalars("test/acc")) == 2                     # one point per epoch
+    assert "_hparams_/experiment" in events.Tags()["tensors"] or events.Tags().get("tensors") is not None
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "best.pt" in ckpts and any(n.startswith("ckpt-") for n in ckpts)
+
+
+def test_one_update_is_independent_of_the_process_count(shards, imagenet_like, tmp_path):
+    """1 process x batch 8 and 2 processes x 4 on the same global batch give the same weights.
+    --freeze-bn makes each sample's forward independent of its batch-mates; --data-order sequential gives
+    both runs the same global batch. Tolerance 1e-6 absolute: float32 sums in another order, while the
+    update itself is ~1e-3 (checked, so the comparison is not vacuous)."""
+    common = ["--data", shards, "--pretrained", imagenet_like, "--epochs", "1", "--batch-size", "8",
+              "--max-steps-per-epoch", "1", "--freeze-bn", "--data-order", "sequential", "--lr", "0.01",
+              "--eval-limit", "2", *TINY]
+    run_train(common + ["--output-dir", tmp_path / "one"], procs=1)
+    run_train(common + ["--output-dir", tmp_path / "two"], procs=2)
+    one, two = load_model_pt(tmp_path / "one")["state_dict"], load_model_pt(tmp_path / "two")["state_dict"]
+    init = torch.load(imagenet_like, weights_only=True)
+    moved = max((one[k] - init[k]).abs().max().item() for k in init if not k.startswith("fc."))
+    assert moved > 1e-4
+    diff = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
+    assert diff < 1e-6, diff
+
+
+def test_param_groups_lr_and_weight_decay():
+    cfg = parse_config(["--data", "x", "--pretrained", "none"])
+    groups = {g["name"]: g for g in build_optimizer(build_model(cfg, ["hotdog", "not-hotdog"])[0], cfg).param_groups}
+    assert set(groups) == {"backbone", "head"}
+    assert groups["backbone"]["lr"] == 5e-5 and groups["head"]["lr"] == 5e-4
+    assert all(g["weight_decay"] == 1e-3 for g in groups.values()) and groups["head"]["momentum"] == 0
+    assert sum(p.numel() for p in groups["head"]["params"]) == 512 * 2 + 2
+
+    cfg = parse_config(["--data", "x", "--pretrained", "none", "--no-decay-norm-bias", "--head-lr-mult", "4"])
+    groups = {g["name"]: g for g in build_optimizer(build_model(cfg, ["a", "b"])[0], cfg).param_groups}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    assert groups["head_no_decay"]["weight_decay"] == 0 and groups["head"]["lr"] == pytest.approx(2e-4)
+    assert all(p.ndim <= 1 for p in groups["backbone_no_decay"]["params"])
+
+    cfg = parse_config(["--data", "x", "--scratch"])
+    (group,) = build_optimizer(build_model(cfg, ["a", "b"])[0], cfg).param_groups
+    assert group["name"] == "all" and group["lr"] == 5e-4     # d2l's from-scratch lr
+
+
+def test_loading_a_saved_state_dict(imagenet_like, tmp_path):
+    cfg = parse_config(["--data", "x", "--pretrained", str(imagenet_like)])
+    model, source = build_model(cfg, ["hotdog", "not-hotdog"])
+    sd = torch.load(imagenet_like, weights_only=True)
+    assert str(imagenet_like) in source
+    assert torch.equal(model.conv1.weight, sd["conv1.weight"]) and torch.equal(model.layer4[1].bn2.running_var,
+                                                                                sd["layer4.1.bn2.running_var"])
+    assert model.fc.weight.shape == (2, 512)
+
+    broken = dict(sd, **{"extra.weight": torch.zeros(1)})
+    torch.save(broken, tmp_path / "extra.pth")
+    with pytest.raises(UsageError, match="unexpected: extra.weight"):
+        build_model(parse_config(["--data", "x", "--pretrained", str(tmp_path / "extra.pth")]), ["a", "b"])
+    del sd["layer1.0.conv1.weight"]
+    torch.save(sd, tmp_path / "missing.pth")
+    with pytest.raises(UsageError, match="missing: layer1.0.conv1.weight"):
+        build_model(parse_config(["--data", "x", "--pretrained", str(tmp_path / "missing.pth")]), ["a", "b"])
+
+
+def test_head_init_copies_imagenet_row_934(imagenet_like):
+    sd = torch.load(imagenet_like, weights_only=True)
+    cfg = parse_config(["--data", "x", "--pretrained", str(imagenet_like), "--head-init", "imagenet-class:934"])
+    model, _ = build_model(cfg, ["hotdog", "not-hotdog"])
+    assert torch.equal(model.fc.weight[0], sd["fc.weight"][934]) and model.fc.bias[0] == sd["fc.bias"][934]
+    assert not torch.equal(model.fc.weight[1], sd["fc.weight"][934])
+
+
+def test_frozen_backbone_stays_unchanged(shards, imagenet_like, tmp_path):
+    run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", imagenet_like,
+               "--freeze-backbone", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
+               "--lr", "0.01", *TINY])
+    final = load_model_pt(tmp_path / "run")["state_dict"]
+    init = torch.load(imagenet_like, weights_only=True)
+    for key in init:
+        if not key.startswith("fc."):
+            assert torch.equal(final[key], init[key]), key     # weights and BatchNorm statistics alike
+    cfg = parse_config(["--data", "x", "--pretrained", str(imagenet_like)])
+    torch.manual_seed(0)   # train.py seeds the same way before building the model
+    head0 = build_model(cfg, ["hotdog", "not-hotdog"])[0].fc.weight
+    assert not torch.equal(final["fc.weight"], head0)
+
+
+def test_debug_mode_runs_one_small_process(shards, imagenet_like, tmp_path):
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "dbg", "--pretrained", imagenet_like,
+                      "--debug", "--image-size", "32"], timeout=120)
+    metrics = read_json(tmp_path / "dbg" / "metrics.json")
+    assert len(metrics["epochs"]) == 2 and all(e["test_samples"] == 13 for e in metrics["epochs"])
+    assert metrics["epochs"][0]["train_samples"] == 3 * 8
+    assert "world_size=1 " in proc.stdout and "precision=no" in proc.stdout
+
+
+def _error_line(proc) -> str:
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+    (["--debug"], "--debug runs one process"),
+    (["--sync-bn"], "--sync-bn needs GPUs"),
+    (["--batch-size", "7"], "must divide evenly"),
+    (["--pretrained", "/nonexistent.pth"], "--pretrained /nonexistent.pth: no such file"),
+])
+def test_refusals_exit_2_with_one_line(shards, args, needle, tmp_path):
+    env = {"WORLD_SIZE": "2"} if args == ["--debug"] else {}
+    if args == ["--batch-size", "7"]:
+        args += ["--grad-accum", "2"]     # one process: 7 would divide; 2 accumulation steps do not
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", "--batch-size", "8", *TINY, *args],
+                     env=env, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in _error_line(proc) and _error_line(proc).startswith("train.py: error:")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--epochs", "-1"], "--epochs: must be a positive integer"),
+    (["--precision", "fp8"], "--precision: invalid choice"),
+    (["--head-init", "imagenet-class:x"], "--head-init"),
+])
+def test_parser_refuses_invalid_values(args, needle):
+    proc = subprocess.run([PYTHON, "train.py", "--data", "x", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and needle in _error_line(proc)
+
+
+def test_missing_manifest_and_damaged_shard_are_named(shards, tmp_path):
+    proc = run_train(["--data", tmp_path, *TINY], check=False)
+    assert proc.returncode == 2 and "no manifest.json" in _error_line(proc)
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = sorted(copy.glob("train-*.tar"))[2]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF                      # same size, different bytes: only the sha256 can tell
+    victim.write_bytes(bytes(data))
+    proc = run_train(["--data", copy, "--output-dir", tmp_path / "r", *TINY], check=False)
+    assert proc.returncode == 2 and victim.name in _error_line(proc) and "sha256" in _error_line(proc)
+    victim.unlink()
+    proc = run_train(["--data", copy, "--output-dir", tmp_path / "r", *TINY], check=False)
+    assert proc.returncode == 2 and f"{victim.name} is missing" in _error_line(proc)
+
+
+def test_offline_imagenet_weights_error_names_the_file(shards, tmp_path):
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "imagenet"],
+                     env={"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9",
+                          "HTTPS_PROXY": "http://127.0.0.1:9"}, check=False, timeout=120)
+    line = _error_line(proc)
+    assert proc.returncode == 2, proc.stderr
+    assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in line
+    assert "--pretrained PATH" in line
+
+
+def test_config_yaml_with_overrides_is_saved(shards, imagenet_like, tmp_path):
+    (tmp_path / "run.yaml").write_text(f"epochs: 3\nlr: 0.001\nbatch-size: 8\nmax_steps_per_epoch: 1\n")
+    cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--data", "x", "--epochs", "1"])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (1, 0.001, 8)
+    (tmp_path / "bad.yaml").write_text("batch_size: 0\n")
+    proc = subprocess.run([PYTHON, "train.py", "--config", str(tmp_path / "bad.yaml"), "--data", "x"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "batch_size" in _error_line(proc)
+    run_train(["--config", tmp_path / "run.yaml", "--data", shards, "--output-dir", tmp_path / "r", "--epochs",
+               "1", "--pretrained", imagenet_like, "--eval-limit", "2", *TINY])
+    import yaml
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["lr"] == 0.001 and saved["batch_size"] == 8
