@@ -197,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- a dead peer is an event to explain, not a traceback to dump
+        message = distributed.collective_failure(e)
+        if message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -105,6 +105,20 @@ def all_reduce(values: list[float], device: torch.device, op=None) -> list[float
     return t.tolist()
 
 
+def collective_failure(exc: BaseException) -> str | None:
+    """A one-line explanation when `exc` is a collective that failed because another rank died or hung
+    (gloo: connection reset / timed out; NCCL: watchdog timeout), else None."""
+    text = str(exc)
+    lost = isinstance(exc, getattr(dist, "DistError", ())) or (
+        isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Timed out")))
+    if not lost:
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"rank {rank}: a collective with the other ranks failed ({detail[:160]}); another process died, "
+            f"hung or lost its network -- see its log, then restart with --resume auto")
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on at least one (used to agree on stopping at a step boundary)."""
     return all_reduce([1.0 if flag else 0.0], device, op=dist.ReduceOp.MAX)[0] > 0

@@ -76,3 +76,40 @@ def load_model_pt(run_dir: Path) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_train(args: list, *, nodes: int = 1, node_rank: int = 0, port: int = 0, log: Path | None = None,
+                env: dict | None = None) -> subprocess.Popen:
+    """train.py in the background: one plain process (nodes=1), or one node of a multi-node
+    `accelerate launch` job with one process per node on 127.0.0.1."""
+    # Same thread counts as run_train: CPU float results depend on them, and resume tests compare bitwise.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nodes > 1 else "2", "PYTHONUNBUFFERED": "1", **(env or {})}
+    if nodes == 1:
+        cmd = [PYTHON, "train.py"]
+    else:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_machines", str(nodes), "--machine_rank", str(node_rank),
+               "--num_processes", str(nodes), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd + [str(a) for a in args], cwd=REPO, env=full_env, stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, procs=()):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process exited while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

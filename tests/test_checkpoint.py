@@ -1,0 +1,167 @@
+"""Checkpoints and faults: preempt-and-resume gives the same weights as an uninterrupted run, damaged
+checkpoints are skipped, a kill during a write leaves the previous one loadable, and a dead or hung rank
+ends a two-node job with a clear message instead of a 30-minute hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import (PYTHON, REPO, TINY, free_port, load_model_pt, read_json, run_train, start_train,
+                      wait_for)
+from finetune import EXIT_PREEMPTED, checkpoint
+
+# 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer.
+ARGS = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "3",
+        "--eval-limit", "4", *TINY]
+
+
+def ckpts(run_dir):
+    d = run_dir / "checkpoints"
+    return sorted(p.name for p in d.glob("ckpt-*.pt")) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference(shards, imagenet_like, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS])
+    return run_dir
+
+
+def assert_same_weights(a, b):
+    sa, sb = load_model_pt(a)["state_dict"], load_model_pt(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, different[:5]
+
+
+def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]
+    proc = start_train(args, log=tmp_path / "first.log")
+    wait_for(lambda: len(ckpts(run_dir)) >= 2, 180, "two checkpoints", [proc])
+    proc.send_signal(signal.SIGUSR1)                      # what slurm's --signal=USR1 delivers
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED
+    log = (tmp_path / "first.log").read_text()
+    assert "SIGUSR1 received: checkpoint saved" in log
+    stopped_at = torch.load(run_dir / "checkpoints" / ckpts(run_dir)[-1], weights_only=True)["step"]
+    assert stopped_at < 8, "the run finished before the signal; nothing was tested"
+
+    resumed = run_train(args + ["--resume", "auto"])
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+    assert_same_weights(reference, run_dir)
+    epochs = [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]]
+    assert epochs == [1, 2]                                 # each epoch once, none repeated
+
+
+def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    names = ckpts(run_dir)
+    newest = run_dir / "checkpoints" / names[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])          # truncated, as by a full disk
+    (run_dir / "model.pt").unlink()
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
+                      "--resume", "auto"])
+    assert f"skipping damaged checkpoint {newest}" in proc.stdout
+    assert "resumed from step 7" in proc.stdout               # the one before: epoch 2, step 3 of 4
+    assert_same_weights(reference, run_dir)
+
+
+def test_resume_path_errors_are_one_line(shards, tmp_path):
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "none",
+                      "--resume", str(tmp_path / "nope.pt")], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"--resume {tmp_path / 'nope.pt'}: no such file")
+
+
+KILL_MID_WRITE = r"""
+import os, signal, sys, torch
+from pathlib import Path
+from finetune import checkpoint
+ckpt_dir = Path(sys.argv[1])
+state = dict(model={"w": torch.ones(3)}, step=1, epoch=0)
+checkpoint.save(state, ckpt_dir, keep_last=2, is_best=False)
+real_save = torch.save
+def dying_save(obj, fh, *a, **k):
+    fh.write(b"PK\x03\x04 half a checkpoint")
+    fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)                    # killed in the middle of the write
+torch.save = dying_save
+checkpoint.save(dict(model={"w": torch.zeros(3)}, step=2, epoch=0), ckpt_dir, keep_last=2, is_best=False)
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    proc = subprocess.run([PYTHON, "-c", KILL_MID_WRITE, str(tmp_path)], cwd=REPO, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "ckpt-00000001.pt" in names and "ckpt-00000002.pt" not in names
+    assert any(n.startswith(".ckpt-00000002.pt.tmp") for n in names)     # the torn write, under a temp name
+    state = checkpoint.find_resume("auto", tmp_path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+
+
+def _two_nodes(args, tmp_path):
+    port = free_port()
+    return [start_train(args, nodes=2, node_rank=r, port=port, log=tmp_path / f"node{r}.log") for r in (0, 1)]
+
+
+def _pid(run_dir, rank):
+    return read_json(run_dir / "ranks" / f"rank-{rank}.json")["pid"]
+
+
+def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp_path):
+    """kill -9 of the rank on 'node 1': both nodes exit non-zero within seconds; --resume auto finishes."""
+    run_dir = tmp_path / "run"
+    args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]
+    nodes = _two_nodes(args, tmp_path)
+    try:
+        wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
+        os.kill(_pid(run_dir, 1), signal.SIGKILL)
+        t0 = time.monotonic()
+        codes = [n.wait(timeout=90) for n in nodes]
+        elapsed = time.monotonic() - t0
+    finally:
+        for n in nodes:
+            n.kill()
+    assert all(c != 0 for c in codes) and elapsed < 60, (codes, elapsed)
+    log0 = (tmp_path / "node0.log").read_text()
+    assert "train.py: error: rank 0: a collective with the other ranks failed" in log0
+    assert "--resume auto" in log0
+    assert "SIGKILL" in (tmp_path / "node1.log").read_text()
+
+    nodes = _two_nodes(args + ["--resume", "auto"], tmp_path)
+    assert [n.wait(timeout=300) for n in nodes] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    assert "resumed from step" in (tmp_path / "node0.log").read_text()
+    assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
+
+
+def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
+    """A rank that stops answering (SIGSTOP: the socket stays open, as with a frozen node) makes the other
+    node fail after --collective-timeout seconds, not the 30-minute default."""
+    run_dir = tmp_path / "run"
+    args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
+            "--collective-timeout", "10", "--epochs", "50"]
+    nodes = _two_nodes(args, tmp_path)
+    try:
+        wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
+        os.kill(_pid(run_dir, 1), signal.SIGSTOP)
+        t0 = time.monotonic()
+        code = nodes[0].wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(_pid(run_dir, 1), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for n in nodes:
+            n.kill()
+    assert code != 0 and 5 < elapsed < 60, (code, elapsed)
+    log0 = (tmp_path / "node0.log").read_text()
+    assert "train.py: error: rank 0: a collective with the other ranks failed" in log0, log0[-3000:]
