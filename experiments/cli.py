@@ -1,0 +1,162 @@
+"""Command line: `compare` runs the variants and writes the table and plot; `report` re-renders them.
+
+Exit codes of `compare`: 0 every variant that ran finished (skipped ones are listed with their reason),
+1 at least one variant failed (the others still ran; see results.md), 2 usage error (nothing ran),
+130 interrupted (the results so far are written)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import plan, report
+from .run import launcher_argv, prepare_out, run_variant, summarize_metrics
+
+
+def _machine() -> str:
+    import torch
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+    return f"{platform.machine()} {platform.system()}, {cpus} CPU cores, {gpus}; torch {torch.__version__}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="run the variants on the same shards and seed; write table and plot",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run fine-tune / scratch / frozen / head934 / lr-sweep variants through "
+                                   "train.py. Flags after '--' go to every train.py run, e.g. "
+                                   "`-- --epochs 3 --image-size 96`.")
+    c.add_argument("--data", required=True, help="shard directory from `python -m data_prep`")
+    c.add_argument("--out", default="runs/compare", help="one run directory per variant, results.md/json, "
+                                                         "test_acc.png")
+    c.add_argument("--variants", default=plan.DEFAULT_VARIANTS,
+                   help=f"comma-separated groups from {', '.join(plan.GROUPS)}, or 'all'")
+    c.add_argument("--lrs", default=plan.DEFAULT_LRS, help="backbone lrs of the 'lr' group (fine-tune)")
+    c.add_argument("--scratch-lrs", default=plan.DEFAULT_SCRATCH_LRS, help="lrs of the 'scratch-lr' group")
+    c.add_argument("--pretrained", default="auto",
+                   help="'auto': torchvision's cached ImageNet weights if present, else none (said plainly); "
+                        "'imagenet': cached or downloaded now, else an error; 'none'; or PATH to a ResNet-18 "
+                        "state dict")
+    c.add_argument("--seed", type=int, default=0, help="train.py --seed of every run")
+    c.add_argument("--launcher", default="python",
+                   help="how to start train.py: 'python' (this interpreter), or e.g. 'accelerate launch "
+                        "--num_processes 4' or 'torchrun --nproc_per_node 8'")
+    c.add_argument("--overwrite", action="store_true", help="replace run directories of an earlier comparison")
+    c.add_argument("--dry-run", action="store_true", help="print the train.py commands and stop")
+    c.add_argument("--quiet", action="store_true", help="do not echo train.py's output (it is in OUT/logs/)")
+    r = sub.add_parser("report", help="re-read the runs under OUT and rewrite results.md/json and test_acc.png")
+    r.add_argument("--out", default="runs/compare")
+    return parser
+
+
+def compare(args, train_args: list[str], argv: list[str]) -> int:
+    from finetune import UsageError
+    from finetune.data import load_manifest
+
+    data = os.path.abspath(args.data)
+    out = Path(args.out).absolute()
+    try:
+        manifest = load_manifest(data)
+    except UsageError as e:
+        raise plan.PlanError(str(e)) from None
+    plan.check_train_args(train_args)
+    weights = plan.resolve_weights(args.pretrained)
+    groups = list(plan.GROUPS) if args.variants.strip() == "all" else \
+        [g.strip() for g in args.variants.split(",") if g.strip()]
+    variants = plan.build_variants(groups, weights, plan.parse_floats(args.lrs, "--lrs"),
+                                   plan.parse_floats(args.scratch_lrs, "--scratch-lrs"))
+    common = ["--data", data, "--seed", str(args.seed), *train_args]
+    launch = launcher_argv(args.launcher)
+    argvs = {v.name: launch + common + ["--output-dir", str(out / v.name)] + v.flags for v in variants}
+    plan.check_variant_configs(variants, common + ["--output-dir", str(out)])
+
+    if weights.note:
+        print(f"experiments: NOTE: {weights.note}", flush=True)
+    print(f"experiments: {len([v for v in variants if not v.skip])} run(s) on {data} "
+          f"({manifest.train.num_samples} train / {manifest.test.num_samples} test images), seed {args.seed}, "
+          f"output {out}", flush=True)
+    for v in variants:
+        print(f"  {v.name:<16} " + (f"SKIPPED: {v.skip}" if v.skip else shlex.join(argvs[v.name])), flush=True)
+    if args.dry_run:
+        return 0
+    prepare_out(out, variants, args.overwrite)
+
+    results = dict(command="python -m experiments " + shlex.join(argv), data=data, out=str(out),
+                   classes=", ".join(manifest.classes), pretrained=args.pretrained, weights_value=weights.value,
+                   weights_source=weights.source, weights_note=weights.note, seed=args.seed,
+                   train_args=train_args, launcher=args.launcher, machine=_machine(),
+                   started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
+    rows = results["variants"]
+    pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags, status="not run",
+                    reason="not reached") for v in variants]
+    interrupted = False
+    for i, v in enumerate(variants):
+        print(f"experiments: [{i + 1}/{len(variants)}] {v.name}" + (f": skipped ({v.skip})" if v.skip else ""),
+              flush=True)
+        try:
+            row = run_variant(v, argvs[v.name], out, quiet=args.quiet)
+        except KeyboardInterrupt:
+            rows.append(dict(pending[i], status="failed", reason="interrupted", run_dir=str(out / v.name),
+                             **summarize_metrics(out / v.name)))
+            rows.extend(dict(p, reason="interrupted") for p in pending[i + 1:])
+            interrupted = True
+            break
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"experiments: {v.name}: final test acc {row['final_test_acc']:.3f}, best "
+                  f"{row['best_test_acc']:.3f} (epoch {row['best_epoch']}), {row['duration_s']:.0f} s", flush=True)
+        elif row["status"] == "failed":
+            print(f"experiments: {v.name} FAILED ({row['reason']}); log: {row['log']}", flush=True)
+        report.write_all(dict(results, variants=rows + pending[i + 1:]), out)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.write_all(results, out)
+
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    print(f"experiments: table {out / 'results.md'}, plot {out / 'test_acc.png'}, "
+          f"TensorBoard: tensorboard --logdir {out}", flush=True)
+    if weights.note:
+        print(f"experiments: NOTE: {weights.note}", flush=True)
+    if interrupted:
+        print("experiments: interrupted; results so far are written", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"experiments: {len(failed)} variant(s) failed: {', '.join(failed)} (the others ran; see "
+              f"results.md)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def rerender(args) -> int:
+    out = Path(args.out).absolute()
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        raise plan.PlanError(f"{out / 'results.json'}: cannot read it ({e})") from None
+    for row in results["variants"]:
+        if row["status"] in ("ok", "failed") and row.get("run_dir"):
+            row.update(summarize_metrics(Path(row["run_dir"])))
+    report.write_all(results, out)
+    print(f"experiments: wrote {out / 'results.md'} and {out / 'test_acc.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(own)
+    try:
+        if args.command == "compare":
+            return compare(args, train_args, argv)
+        return rerender(args)
+    except plan.PlanError as e:
+        print(f"experiments: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,237 @@
+"""Classify images with a trained run's model.pt, using the run's own eval preprocessing.
+
+    python predict.py --model runs/hotdog-resnet18/model.pt photo.jpg more/photos/
+    python predict.py --model runs/hotdog-resnet18/model.pt --top-k 2 --json photos/ > predictions.jsonl
+    python predict.py --model runs/hotdog-resnet18/model.pt --score ../shared/data/hotdog-mini/test
+
+Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case); files named on the
+command line are tried whatever their extension. Output, one line per image, in input order:
+
+    PATH<TAB>LABEL<TAB>PROBABILITY                      (--top-k K adds the next K-1 LABEL<TAB>PROBABILITY pairs)
+    {"path": ..., "label": ..., "probability": ..., "top": [{"label": ..., "probability": ...}, ...]}   (--json)
+
+The eval preprocessing is the one model.pt records (`preprocess`: resize to [H, W], centre crop, normalise with
+mean/std), i.e. what train.py evaluated with. An image that cannot be read is reported on stderr, naming the
+file, and the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
+path does not exist), 2 usage error (no/unloadable model file, no images found, --device cuda without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class UsageError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------
+def load_model(path: str, device: torch.device):
+    """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec)."""
+    from torchvision.models import resnet18
+    if not os.path.isfile(path):
+        raise UsageError(f"--model {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
+        import pickle
+        why = ("not a PyTorch file that loads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
+               else (str(e).strip().splitlines() or [""])[0][:120])
+        raise UsageError(f"--model {path}: not a loadable model.pt ({type(e).__name__}: {why})") from None
+    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UsageError(f"--model {path}: not a train.py model.pt (missing {', '.join(missing)})")
+    if saved.get("arch", "resnet18") != "resnet18":
+        raise UsageError(f"--model {path}: arch {saved['arch']!r}; this script knows resnet18")
+    classes = list(saved["classes"])
+    model = resnet18(weights=None, num_classes=len(classes))
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as e:
+        raise UsageError(f"--model {path}: weights do not fit ResNet-18 with {len(classes)} classes "
+                         f"({str(e).splitlines()[0][:120]})") from None
+    model.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, classes, dict(saved["preprocess"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------------
+def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given; folders recursively (sorted) by extension. Returns (images, [(path, problem)])."""
+    images, problems = [], []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            if not found:
+                problems.append((p, f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
+            images += found
+        elif path.is_file():
+            images.append(path)
+        else:
+            problems.append((p, "no such file or folder"))
+    return images, problems
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Any common image file -> uint8 RGB [3, H, W]. torchvision's decoders (JPEG, PNG, GIF, WebP) first,
+    PIL for the rest (BMP, TIFF, ...). Raises ValueError with a short reason when the file is not an image."""
+    from torchvision.io import ImageReadMode, decode_image
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file")
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return img[0] if img.ndim == 4 else img          # an animated GIF: its first frame
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        import numpy as np
+        from PIL import Image
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for damaged or foreign files
+        raise ValueError(f"not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+
+
+def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
+    """uint8 [3, H, W] -> the eval crop, still uint8: resize to spec['resize'], centre crop spec['crop'].
+    For train.py's spec this is exactly finetune.data.eval_transform (tests/test_predict.py checks it)."""
+    from torchvision.transforms.v2 import functional as TF
+    crop = spec["crop"]
+    crop = [crop, crop] if isinstance(crop, int) else list(crop)
+    img = TF.resize(img, list(spec["resize"]), antialias=True)
+    return TF.center_crop(img, crop)
+
+
+class Normalizer:
+    """uint8 batch -> float on the device, (x/255 - mean) / std, as finetune.data.DeviceNormalizer does."""
+
+    def __init__(self, spec: dict, device: torch.device):
+        self.device = device
+        self.scale = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1) * 255
+        self.shift = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True).float().sub_(self.shift).div_(self.scale)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+# ------------------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------------------
+def batches(images: list[Path], spec: dict, batch_size: int, on_error):
+    """Yields (paths, uint8 batch); unreadable files go to on_error(path, reason) and are left out."""
+    paths, tensors = [], []
+    for path in images:
+        try:
+            tensors.append(preprocess(read_image(path), spec))
+            paths.append(path)
+        except (OSError, ValueError) as e:
+            on_error(str(path), e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+        if len(tensors) == batch_size:
+            yield paths, torch.stack(tensors)
+            paths, tensors = [], []
+    if tensors:
+        yield paths, torch.stack(tensors)
+
+
+@torch.inference_mode()
+def predict(model, normalize: Normalizer, classes: list[str], images: list[Path], spec: dict, batch_size: int,
+            top_k: int, on_error):
+    """Yields (path, [(label, probability)] * top_k) per readable image, in input order."""
+    k = min(top_k, len(classes))
+    for paths, batch in batches(images, spec, batch_size, on_error):
+        probs = torch.softmax(model(normalize(batch)).float(), dim=1).cpu()
+        values, indices = probs.topk(k, dim=1)
+        for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
+            yield path, [(classes[i], v) for i, v in zip(idxs, vals)]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU visible here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
+                                epilog="Exit codes: 0 all labelled, 1 some images unreadable (the rest labelled), "
+                                       "2 usage error.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="a run's model.pt (written by train.py)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--top-k", type=int, default=1, help="print the K most likely labels (default: 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated")
+    p.add_argument("--score", action="store_true",
+                   help="when an image's folder is named like a class (d2l layout: .../hotdog/x.jpg), print "
+                        "the accuracy against those folder names to stderr at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.top_k < 1:
+        print("predict.py: error: --batch-size and --top-k must be >= 1", file=sys.stderr)
+        return 2
+    failures: list[tuple[str, str]] = []
+
+    def on_error(path: str, reason: str):
+        failures.append((path, reason))
+        print(f"predict.py: cannot read {path}: {reason}", file=sys.stderr, flush=True)
+
+    try:
+        device = pick_device(args.device)
+        model, classes, spec = load_model(args.model, device)
+        images, problems = find_images(args.paths)
+        for path, reason in problems:
+            on_error(path, reason)
+        if not images:
+            raise UsageError("no images found in " + " ".join(args.paths))
+    except UsageError as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+
+    normalize = Normalizer(spec, device)
+    labelled = correct = scored = 0
+    for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error):
+        labelled += 1
+        if args.json:
+            print(json.dumps(dict(path=str(path), label=top[0][0], probability=round(top[0][1], 6),
+                                  top=[dict(label=lab, probability=round(p, 6)) for lab, p in top])), flush=False)
+        else:
+            print(str(path) + "".join(f"\t{lab}\t{p:.4f}" for lab, p in top))
+        if args.score and path.parent.name in classes:
+            scored += 1
+            correct += top[0][0] == path.parent.name
+    sys.stdout.flush()
+    summary = f"predict.py: labelled {labelled} image(s) on {device}"
+    if failures:
+        summary += f"; {len(failures)} could not be read"
+    if args.score:
+        summary += (f"; accuracy against folder names {correct}/{scored} = {correct / scored:.3f}" if scored else
+                    "; --score: no image sits in a folder named like a class")
+    print(summary, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
