@@ -82,6 +82,7 @@ def run_variant(v: Variant, argv: list[str], out: Path, *, quiet: bool, env: dic
         try:
             for line in proc.stdout:
                 fh.write(line)
+                fh.flush()                      # `tail -f OUT/logs/<variant>.log` while it runs
                 if not quiet:
                     print(f"[{v.name}] {line}", end="", flush=True)
             rc = proc.wait()

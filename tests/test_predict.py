@@ -1,0 +1,160 @@
+"""predict.py against a real (tiny) train.py run: labels and probabilities, folders, non-JPEG inputs,
+unreadable files, exit codes, and that its preprocessing is train.py's eval preprocessing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from conftest import PYTHON, REPO, TINY, load_model_pt, run_train
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("predict") / "run"
+    run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", "none", "--epochs", "1",
+               "--max-steps-per-epoch", "1", *TINY])
+    saved = load_model_pt(run_dir)
+    return dict(model=str(run_dir / "model.pt"), classes=saved["classes"], saved=saved)
+
+
+def _photo(path, size=(48, 40), mode="RGB", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder tree with JPEG, PNG (RGBA), BMP (greyscale), WebP and an upper-case extension; plus a text
+    file that must be ignored when the folder is searched."""
+    root = tmp_path / "photos"
+    files = [_photo(root / "a.jpg", seed=1), _photo(root / "sub" / "b.png", mode="RGBA", seed=2),
+             _photo(root / "sub" / "deeper" / "c.bmp", mode="L", seed=3), _photo(root / "d.webp", seed=4),
+             _photo(root / "E.JPG", size=(200, 90), seed=5)]
+    (root / "notes.txt").write_text("not an image")
+    return root, files
+
+
+def _rows(out: str) -> list[list[str]]:
+    return [line.split("\t") for line in out.splitlines() if line]
+
+
+def test_folder_is_searched_recursively_and_every_image_labelled(trained, photos, capsys):
+    root, files = photos
+    assert predict.main(["--model", trained["model"], str(root), "--top-k", "2", "--batch-size", "2"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert sorted(r[0] for r in rows) == sorted(str(f) for f in files)      # notes.txt left out, sub/ searched
+    for row in rows:
+        (l1, p1), (l2, p2) = (row[1], float(row[2])), (row[3], float(row[4]))
+        assert {l1, l2} == set(trained["classes"])
+        assert 0.0 <= p2 <= p1 <= 1.0
+        assert p1 + p2 == pytest.approx(1.0, abs=2e-4)                      # 2 classes: top-2 is everything
+
+
+def test_batch_size_does_not_change_the_answer(trained, photos, capsys):
+    root, _ = photos
+    predict.main(["--model", trained["model"], str(root), "--batch-size", "1", "--json"])
+    one = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    predict.main(["--model", trained["model"], str(root), "--batch-size", "64", "--json"])
+    many = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in one] == [r["path"] for r in many] and len(one) == 5
+    for a, b in zip(one, many):
+        assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+        assert a["label"] in trained["classes"] and 0.0 <= a["probability"] <= 1.0
+
+
+def test_unreadable_files_are_named_and_the_rest_still_labelled(trained, photos, tmp_path, capsys):
+    root, files = photos
+    (root / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    (root / "sub" / "empty.png").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(files[0].read_bytes()[:300])
+    code = predict.main(["--model", trained["model"], str(root), str(tmp_path / "missing.jpg")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert sorted(r[0] for r in _rows(out)) == sorted(str(f) for f in files)
+    for name in ("garbage.jpg", "empty.png", "truncated.jpg", "missing.jpg"):
+        assert any(name in line and "cannot read" in line for line in err.splitlines()), (name, err)
+    assert "labelled 5 image(s)" in err and "4 could not be read" in err
+
+
+def test_explicit_file_with_odd_extension_is_tried(trained, tmp_path, capsys):
+    path = _photo(tmp_path / "photo.jpg")
+    renamed = path.rename(tmp_path / "photo.data")
+    assert predict.main(["--model", trained["model"], str(renamed)]) == 0
+    assert _rows(capsys.readouterr().out)[0][0] == str(renamed)
+
+
+def test_score_against_class_folders(trained, tmp_path, capsys):
+    for i, cls in enumerate(trained["classes"]):
+        _photo(tmp_path / "test" / cls / f"{i}.jpg", seed=i)
+    assert predict.main(["--model", trained["model"], "--score", str(tmp_path / "test")]) == 0
+    err = capsys.readouterr().err
+    assert "accuracy against folder names" in err and "/2 = " in err
+
+
+def test_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
+    img = _photo(tmp_path / "x.jpg")
+    cases = [(["--model", str(tmp_path / "nope.pt"), str(img)], "no such file"),
+             (["--model", str(img), str(img)], "not a loadable model.pt"),
+             (["--model", trained["model"], str(tmp_path / "nothing-here")], "no images found"),
+             (["--model", trained["model"], str(img), "--batch-size", "0"], "must be >= 1")]
+    torch.save({"state_dict": {}}, tmp_path / "partial.pt")
+    cases.append((["--model", str(tmp_path / "partial.pt"), str(img)], "missing classes, preprocess"))
+    if not torch.cuda.is_available():
+        cases.append((["--model", trained["model"], str(img), "--device", "cuda"], "no CUDA GPU"))
+    for argv, needle in cases:
+        assert predict.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("predict.py: error: ") and needle in err[-1], (argv, err)
+
+
+def test_preprocessing_is_train_pys_eval_preprocessing(trained):
+    from finetune.data import DeviceNormalizer, eval_transform, preprocess_spec
+    spec = trained["saved"]["preprocess"]
+    size = spec["crop"]
+    assert spec == preprocess_spec(size)
+    img = torch.randint(0, 256, (3, 70, 50), dtype=torch.uint8)
+    ours = predict.preprocess(img, spec)
+    assert torch.equal(ours, eval_transform(img, size))
+    cpu = torch.device("cpu")
+    expected, _ = DeviceNormalizer(cpu, channels_last=False)(ours[None], torch.zeros(1))
+    assert torch.allclose(predict.Normalizer(spec, cpu)(ours[None]), expected)
+
+
+def test_probabilities_are_the_models_softmax(trained, photos):
+    """End to end: predict's probability equals softmax(model(eval_transform(image))) computed by hand."""
+    from torchvision.io import decode_image, ImageReadMode
+    from torchvision.models import resnet18
+    from finetune.data import DeviceNormalizer, eval_transform
+    _, files = photos
+    saved = trained["saved"]
+    model = resnet18(num_classes=len(saved["classes"]))
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    img = decode_image(str(files[0]), mode=ImageReadMode.RGB)
+    x, _ = DeviceNormalizer(torch.device("cpu"), False)(eval_transform(img, saved["preprocess"]["crop"])[None],
+                                                        torch.zeros(1))
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)[0]
+    net, classes, spec = predict.load_model(trained["model"], torch.device("cpu"))
+    (path, top), = predict.predict(net, predict.Normalizer(spec, torch.device("cpu")), classes, [files[0]], spec,
+                                   8, 2, on_error=None)
+    assert top[0][0] == classes[int(probs.argmax())]
+    assert top[0][1] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_command_line_script(trained, photos):
+    root, _ = photos
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    proc = subprocess.run([PYTHON, "predict.py", "--model", trained["model"], str(root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert len(_rows(proc.stdout)) == 5 and "broken.jpg" in proc.stderr
