@@ -1,0 +1,195 @@
+"""`python -m experiments compare` for real on the tiny shards: table, plot, one TensorBoard directory per run,
+the no-weights statement, a failing variant (non-zero exit, the others still run), and the checks made
+before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, TINY, read_json
+from experiments.cli import main as experiments_main
+
+FAST = ["--epochs", "1", "--max-steps-per-epoch", "1", *TINY]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def compare(args: list, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([PYTHON, "-m", "experiments", "compare", *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith(("| variant", "|---")):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def assert_valid_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    from PIL import Image
+    with Image.open(path) as im:
+        im.verify()
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+@pytest.fixture(scope="module")
+def with_weights(shards, imagenet_like, tmp_path_factory):
+    """finetune + scratch with a local 'ImageNet-like' state dict: both run, exit 0."""
+    out = tmp_path_factory.mktemp("cmp") / "with-weights"
+    proc = compare(["--data", shards, "--out", out, "--pretrained", imagenet_like, "--variants", "finetune,scratch",
+                    "--seed", "3", "--", *FAST])
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def no_weights_one_failing(shards, tmp_path_factory):
+    """Default --pretrained auto with an empty torchvision cache, and a launcher that crashes the scratch run:
+    finetune runs from random init (said plainly), scratch fails, head934 is skipped with its reason."""
+    tmp = tmp_path_factory.mktemp("cmp-fail")
+    launcher = tmp / "flaky-launcher"
+    launcher.write_text('#!/bin/sh\ncase "$*" in *--scratch*) echo "simulated crash of $1" >&2; exit 3;; esac\n'
+                        f'exec {PYTHON} "$@"\n')
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    out = tmp / "no-weights"
+    proc = compare(["--data", shards, "--out", out, "--variants", "head934,scratch,finetune", "--launcher", launcher,
+                    "--", *FAST], env={"TORCH_HOME": str(tmp / "empty-torch-home")})
+    return out, proc
+
+
+def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, imagenet_like):
+    out, proc = with_weights
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no ImageNet weights" not in proc.stdout
+    md = (out / "results.md").read_text()
+    rows = table_rows(md)
+    assert set(rows) == {"finetune", "scratch", "d2l book: fine-tune", "d2l book: scratch"}
+    assert rows["finetune"][-1] == "ok" and rows["scratch"][-1] == "ok"
+    assert f"pretrained weights from {imagenet_like}" in rows["finetune"][3]
+    assert "random init" in rows["scratch"][3] and "--scratch" in rows["scratch"][2]
+    assert "0.939" in rows["d2l book: fine-tune"][4] and "0.843" in rows["d2l book: scratch"][4]
+    assert_valid_png(out / "test_acc.png")
+    results = read_json(out / "results.json")
+    for name in ("finetune", "scratch"):
+        run = out / name
+        assert list((run / "tb").glob("events.out.tfevents.*")), f"no TensorBoard events in {run}"
+        assert (run / "model.pt").is_file() and (out / "logs" / f"{name}.log").is_file()
+        row = next(r for r in results["variants"] if r["name"] == name)
+        metrics = read_json(run / "metrics.json")
+        assert row["final_test_acc"] == metrics["final"]["test_acc"] and 0 <= row["final_test_acc"] <= 1
+        assert float(rows[name][4]) == pytest.approx(row["final_test_acc"], abs=5e-4)
+        config = (run / "config.yaml").read_text()
+        assert "seed: 3" in config
+    assert results["seed"] == 3 and results["train_args"] == [str(a) for a in FAST]
+
+
+def test_same_data_and_seed_for_every_variant(with_weights, shards):
+    import yaml
+    out, _ = with_weights
+    configs = [yaml.safe_load((out / n / "config.yaml").read_text()) for n in ("finetune", "scratch")]
+    for c in configs:
+        assert c["data"] == str(shards) and c["seed"] == 3 and c["epochs"] == 1 and c["image_size"] == 32
+    assert configs[1]["scratch"] and not configs[0]["scratch"]
+
+
+def test_failing_variant_is_reported_and_the_others_still_run(no_weights_one_failing):
+    out, proc = no_weights_one_failing
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = table_rows((out / "results.md").read_text())
+    # Canonical order whatever order --variants gave: finetune, scratch, head934.
+    assert [r for r in rows if not r.startswith("d2l")] == ["finetune", "scratch", "head934"]
+    assert rows["finetune"][-1] == "ok" and float(rows["finetune"][4]) >= 0
+    assert rows["scratch"][-1].startswith("failed: exit code 3") and "simulated crash" in rows["scratch"][-1]
+    assert rows["head934"][-1].startswith("skipped: needs pretrained weights")
+    assert "1 variant(s) failed: scratch" in proc.stderr
+    assert (out / "finetune" / "model.pt").is_file()
+    assert_valid_png(out / "test_acc.png")
+
+
+def test_no_weights_is_stated_plainly(no_weights_one_failing):
+    out, proc = no_weights_one_failing
+    statement = "no ImageNet weights: 'pretrained' variants start from random init"
+    assert statement in proc.stdout
+    md = (out / "results.md").read_text()
+    assert statement in md.split("| variant")[0]                  # in the header, above the table
+    assert "random init" in table_rows(md)["finetune"][3]
+    assert read_json(out / "results.json")["weights_note"].startswith(statement)
+    finetune = read_json(out / "results.json")["variants"][0]
+    assert finetune["name"] == "finetune" and finetune["flags"] == ["--pretrained", "none"]
+
+
+def test_report_rerenders_from_the_runs(with_weights, capsys):
+    out, _ = with_weights
+    (out / "results.md").unlink()
+    (out / "test_acc.png").unlink()
+    assert experiments_main(["report", "--out", str(out)]) == 0
+    assert "| finetune |" in (out / "results.md").read_text()
+    assert_valid_png(out / "test_acc.png")
+
+
+def test_dry_run_with_weights_plans_head934_and_the_lr_sweep(shards, imagenet_like, tmp_path, capsys):
+    code = experiments_main(["compare", "--data", str(shards), "--out", str(tmp_path / "x"), "--pretrained",
+                             str(imagenet_like), "--variants", "all", "--lrs", "1e-4,0.0015",
+                             "--scratch-lrs", "1e-3", "--dry-run", "--", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "x").exists()
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert list(lines) == ["finetune", "scratch", "frozen", "head934", "lr-1e-4", "lr-1.5e-3", "scratch-lr-1e-3"]
+    assert "--head-init imagenet-class:934" in lines["head934"] and "SKIPPED" not in lines["head934"]
+    assert "--freeze-backbone" in lines["frozen"] and "--lr 1.5e-3" in lines["lr-1.5e-3"]
+    assert f"--pretrained {imagenet_like}" in lines["finetune"] and "--pretrained none" in lines["scratch"]
+    assert all("--epochs 2" in line and "--seed 0" in line for line in lines.values())
+    assert "no ImageNet weights" not in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--", "--output-dir", "x"], "set by the runner"),
+    (["--", "--seed", "1"], "use compare's --seed"),
+    (["--", "--no-such-flag"], "not a train.py flag: --no-such-flag"),
+    (["--", "--epochs", "0"], "must be a positive integer"),
+    (["--variants", "finetune,bogus"], "unknown bogus"),
+    (["--lrs", "1e-4,abc"], "--lrs 1e-4,abc"),
+    (["--lrs", "1e-4,1e-4"], "the same run twice"),
+    (["--variants", "scratch", "--", "--freeze-backbone"], "variant scratch: train.py: error: --scratch and"),
+    (["--pretrained", "/no/such/weights.pth"], "no such file"),
+])
+def test_usage_errors_exit_2_before_anything_runs(shards, tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    assert experiments_main(["compare", "--data", str(shards), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("experiments: error: ") and needle in err[-1], err
+    assert not out.exists()
+
+
+def test_offline_imagenet_and_missing_data_are_one_line(shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline (simulated)")))
+    assert experiments_main(["compare", "--data", str(shards), "--pretrained", "imagenet", "--dry-run"]) == 2
+    assert "resnet18-f37072fd.pth" in capsys.readouterr().err
+    assert experiments_main(["compare", "--data", str(tmp_path / "nothing"), "--dry-run"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_existing_runs_are_not_overwritten_without_asking(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "config.yaml").write_text("old: run\n")
+    args = ["compare", "--data", str(shards), "--out", str(out), "--variants", "finetune", "--pretrained", "none"]
+    assert experiments_main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (out / "finetune" / "config.yaml").read_text() == "old: run\n"
+    (out / "scratch").mkdir()
+    (out / "scratch" / "precious.txt").write_text("mine")
+    assert experiments_main(args[:-3] + ["finetune,scratch", "--pretrained", "none", "--overwrite"]) == 2
+    assert "not a train.py run directory" in capsys.readouterr().err
+    assert (out / "scratch" / "precious.txt").exists() and (out / "finetune" / "config.yaml").exists()
