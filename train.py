@@ -106,6 +106,9 @@ def run(cfg) -> int:
     ckpt_dir = run_dir / "checkpoints"
     start_epoch, start_step, global_step, history, best_acc = 0, 0, 0, [], -1.0
     carried = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    if not cfg.resume and any(ckpt_dir.glob("ckpt-*.pt")):
+        raise UsageError(f"{run_dir} already holds checkpoints of an earlier run: pass --resume auto to continue "
+                         f"it, or choose another --output-dir / --name")
     state = checkpoint.find_resume(cfg.resume, ckpt_dir, log=monitor.print)
     if state is not None:
         plain_model.load_state_dict(state["model"])

@@ -92,8 +92,8 @@ class Config:
                            type=_positive_int, default=1)
     clip_grad: float = _opt("clip the global gradient norm to this (0: off)", type=_nonneg_float, default=0.0)
     # ---- speed ----------------------------------------------------------------------------------------
-    precision: str = _opt("mixed precision: auto (bf16 where supported, else fp16 on GPU), no, fp16 (GPU only), "
-                          "bf16", choices=PRECISIONS, default="auto")
+    precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: bf16 only with native "
+                          "bf16 kernels, else no), no, fp16 (GPU only), bf16", choices=PRECISIONS, default="auto")
     channels_last: bool = _opt("use the channels_last memory format (faster convolutions)", default=True)
     compile: bool = _opt("torch.compile the model", default=False)
     workers: int = _opt("data loader worker processes per process (-1: auto from the CPUs per process)",

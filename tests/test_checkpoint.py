@@ -74,10 +74,13 @@ def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, 
     assert_same_weights(reference, run_dir)
 
 
-def test_resume_path_errors_are_one_line(shards, tmp_path):
+def test_resume_path_errors_are_one_line(shards, reference, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "none",
                       "--resume", str(tmp_path / "nope.pt")], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith(f"--resume {tmp_path / 'nope.pt'}: no such file")
+    # Starting afresh in a directory that holds checkpoints would mix two runs: refused.
+    proc = run_train(["--data", shards, "--output-dir", reference, *TINY, "--pretrained", "none"], check=False)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "--resume auto" in proc.stderr
 
 
 KILL_MID_WRITE = r"""
