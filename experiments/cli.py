@@ -96,8 +96,9 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
                    train_args=train_args, launcher=args.launcher, machine=_machine(),
                    started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
     rows = results["variants"]
-    pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags, status="not run",
-                    reason="not reached") for v in variants]
+    pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags,
+                    **(dict(status="skipped", reason=v.skip) if v.skip else dict(status="not run", reason="not reached")))
+               for v in variants]
     interrupted = False
     for i, v in enumerate(variants):
         print(f"experiments: [{i + 1}/{len(variants)}] {v.name}" + (f": skipped ({v.skip})" if v.skip else ""),
@@ -107,7 +108,7 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
         except KeyboardInterrupt:
             rows.append(dict(pending[i], status="failed", reason="interrupted", run_dir=str(out / v.name),
                              **summarize_metrics(out / v.name)))
-            rows.extend(dict(p, reason="interrupted") for p in pending[i + 1:])
+            rows.extend(p if p["status"] == "skipped" else dict(p, reason="interrupted") for p in pending[i + 1:])
             interrupted = True
             break
         rows.append(row)

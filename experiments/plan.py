@@ -11,8 +11,8 @@ from . import NO_WEIGHTS
 
 # Variant groups, in run order. `lr` and `scratch-lr` expand to one run per learning rate.
 GROUPS = {
-    "finetune": "fine-tune: pretrained backbone at lr 5e-5, new head at 10x (the d2l recipe)",
-    "scratch": "from scratch: random init, one lr 5e-4 (d2l's comparison)",
+    "finetune": "fine-tune: pretrained backbone, new head at 10x lr (the d2l recipe)",
+    "scratch": "from scratch: random init, one lr for all layers (d2l's comparison)",
     "frozen": "frozen backbone: train only the new head (d2l exercise 3)",
     "head934": "head row 'hotdog' initialised from ImageNet class 934 'hot dog' (d2l exercise 4)",
     "lr": "fine-tune at other learning rates (d2l exercise 1: keep increasing the lr)",

@@ -27,20 +27,22 @@ def markdown(results: dict) -> str:
               f", launcher `{results['launcher']}`",
               f"- machine: {results.get('machine', '?')}",
               f"- command: `{results.get('command', '')}`", ""]
-    lines += ["| variant | what | flags | weights | final test acc | best test acc (epoch) | final train loss | "
+    lines += ["| variant | what | flags | lr | weights | final test acc | best test acc (epoch) | final train loss | "
               "examples/sec | status |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
         best = f"{_f(r.get('best_test_acc'))} ({r['best_epoch']})" if r.get("best_epoch") else ""
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
-        lines.append(f"| {r['name']} | {r['what']} | {_flags(r['flags'])} | {r.get('weights') or ''} | "
+        lr = f"{r['lr']:g}" if r.get("lr") is not None else ""
+        lines.append(f"| {r['name']} | {r['what']} | {_flags(r['flags'])} | {lr} | {r.get('weights') or ''} | "
                      f"{_f(r.get('final_test_acc'))} | {best} | {_f(r.get('final_train_loss'))} | "
                      f"{_f(r.get('examples_per_sec'), 1)} | {status} |")
-    lines += [f"| d2l book: fine-tune | the book's own result, not this run | ImageNet weights, 224 px, 5 epochs | "
+    lines += [f"| d2l book: fine-tune | the book's own result, not this run | ImageNet weights, 224 px, 5 epochs | 5e-05 | "
               f"IMAGENET1K_V1 | {D2L_REFERENCE['finetune']:.3f} | | | | reference |",
-              f"| d2l book: scratch | the book's own result, not this run | random init, lr 5e-4 | random init | "
+              f"| d2l book: scratch | the book's own result, not this run | random init, 224 px, 5 epochs | 0.0005 | random init | "
               f"{D2L_REFERENCE['scratch']:.3f} | | | | reference |", ""]
-    lines += ["Final/best test acc: accuracy on the whole test split after the last / the best epoch. "
+    lines += ["lr: the backbone learning rate the run used (from its config.yaml; the new head learns at 10x "
+              "except with --scratch). Final/best test acc: accuracy on the whole test split after the last / the best epoch. "
               "Train loss: d2l's per-example training loss of the last epoch. examples/sec: training "
               "throughput averaged over epochs (warm-up steps left out). The d2l rows are the numbers printed in "
               "Dive into Deep Learning, section \"Fine-Tuning\" (d2l's hotdog set, one GPU), for comparison "

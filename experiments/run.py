@@ -32,20 +32,30 @@ def looks_like_run_dir(path: Path) -> bool:
     return any((path / x).exists() for x in ("config.yaml", "metrics.json", "tb", "checkpoints", "model.pt"))
 
 
+def _effective_lr(run_dir: Path) -> float | None:
+    """The backbone lr the run really used (config.yaml: after train.py's defaults and every flag)."""
+    try:
+        import yaml
+        return float(yaml.safe_load((run_dir / "config.yaml").read_text())["lr"])
+    except (OSError, ValueError, TypeError, KeyError, ImportError):
+        return None
+
+
 def summarize_metrics(run_dir: Path) -> dict:
-    """The table's numbers from one run's metrics.json ({} if it has none)."""
+    """The table's numbers from one run's metrics.json and config.yaml ({} if it has neither)."""
+    lr = _effective_lr(run_dir)
     try:
         m = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return {}
+        return {"lr": lr} if lr is not None else {}
     epochs = m.get("epochs") or []
     if not epochs:
-        return {"weights": m.get("weights")}
+        return {"weights": m.get("weights"), "lr": lr}
     accs = [e["test_acc"] for e in epochs]
     best = max(range(len(accs)), key=accs.__getitem__)
     rates = [e.get("examples_per_sec") for e in epochs if e.get("examples_per_sec")]
     last = epochs[-1]
-    return dict(weights=m.get("weights"), complete="final" in m, world_size=m.get("world_size"),
+    return dict(weights=m.get("weights"), lr=lr, complete="final" in m, world_size=m.get("world_size"),
                 epochs=[dict(epoch=e["epoch"], test_acc=e["test_acc"], train_loss=e["train_loss"],
                              train_acc=e["train_acc"], examples_per_sec=e.get("examples_per_sec")) for e in epochs],
                 final_test_acc=last["test_acc"], best_test_acc=accs[best], best_epoch=epochs[best]["epoch"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 
@@ -24,12 +25,19 @@ def compare(args: list, env: dict | None = None, timeout: int = 400) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
-def table_rows(md: str) -> dict[str, list[str]]:
+def table_rows(md: str) -> dict[str, dict[str, str]]:
+    """results.md's table as {variant: {column header: cell}}."""
+    def split(line):
+        return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    header = split(lines[0])
+    assert header[0] == "variant"
     rows = {}
-    for line in md.splitlines():
-        if line.startswith("| ") and not line.startswith(("| variant", "|---")):
-            cells = [c.strip() for c in line.strip("|").split(" | ")]
-            rows[cells[0]] = cells
+    for line in lines[1:]:
+        cells = split(line)
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells))
     return rows
 
 
@@ -73,10 +81,10 @@ def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, ima
     md = (out / "results.md").read_text()
     rows = table_rows(md)
     assert set(rows) == {"finetune", "scratch", "d2l book: fine-tune", "d2l book: scratch"}
-    assert rows["finetune"][-1] == "ok" and rows["scratch"][-1] == "ok"
-    assert f"pretrained weights from {imagenet_like}" in rows["finetune"][3]
-    assert "random init" in rows["scratch"][3] and "--scratch" in rows["scratch"][2]
-    assert "0.939" in rows["d2l book: fine-tune"][4] and "0.843" in rows["d2l book: scratch"][4]
+    assert rows["finetune"]["status"] == "ok" and rows["scratch"]["status"] == "ok"
+    assert f"pretrained weights from {imagenet_like}" in rows["finetune"]["weights"]
+    assert "random init" in rows["scratch"]["weights"] and "--scratch" in rows["scratch"]["flags"]
+    assert "0.939" in rows["d2l book: fine-tune"]["final test acc"] and "0.843" in rows["d2l book: scratch"]["final test acc"]
     assert_valid_png(out / "test_acc.png")
     results = read_json(out / "results.json")
     for name in ("finetune", "scratch"):
@@ -86,7 +94,8 @@ def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, ima
         row = next(r for r in results["variants"] if r["name"] == name)
         metrics = read_json(run / "metrics.json")
         assert row["final_test_acc"] == metrics["final"]["test_acc"] and 0 <= row["final_test_acc"] <= 1
-        assert float(rows[name][4]) == pytest.approx(row["final_test_acc"], abs=5e-4)
+        assert float(rows[name]["final test acc"]) == pytest.approx(row["final_test_acc"], abs=5e-4)
+        assert float(rows[name]["lr"]) == (5e-4 if name == "scratch" else 5e-5)     # train.py's defaults
         config = (run / "config.yaml").read_text()
         assert "seed: 3" in config
     assert results["seed"] == 3 and results["train_args"] == [str(a) for a in FAST]
@@ -107,9 +116,9 @@ def test_failing_variant_is_reported_and_the_others_still_run(no_weights_one_fai
     rows = table_rows((out / "results.md").read_text())
     # Canonical order whatever order --variants gave: finetune, scratch, head934.
     assert [r for r in rows if not r.startswith("d2l")] == ["finetune", "scratch", "head934"]
-    assert rows["finetune"][-1] == "ok" and float(rows["finetune"][4]) >= 0
-    assert rows["scratch"][-1].startswith("failed: exit code 3") and "simulated crash" in rows["scratch"][-1]
-    assert rows["head934"][-1].startswith("skipped: needs pretrained weights")
+    assert rows["finetune"]["status"] == "ok" and float(rows["finetune"]["final test acc"]) >= 0
+    assert rows["scratch"]["status"].startswith("failed: exit code 3") and "simulated crash" in rows["scratch"]["status"]
+    assert rows["head934"]["status"].startswith("skipped: needs pretrained weights")
     assert "1 variant(s) failed: scratch" in proc.stderr
     assert (out / "finetune" / "model.pt").is_file()
     assert_valid_png(out / "test_acc.png")
@@ -121,7 +130,7 @@ def test_no_weights_is_stated_plainly(no_weights_one_failing):
     assert statement in proc.stdout
     md = (out / "results.md").read_text()
     assert statement in md.split("| variant")[0]                  # in the header, above the table
-    assert "random init" in table_rows(md)["finetune"][3]
+    assert "random init" in table_rows(md)["finetune"]["weights"]
     assert read_json(out / "results.json")["weights_note"].startswith(statement)
     finetune = read_json(out / "results.json")["variants"][0]
     assert finetune["name"] == "finetune" and finetune["flags"] == ["--pretrained", "none"]
