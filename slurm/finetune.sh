@@ -68,6 +68,12 @@ PREEMPT_SIGNAL=${PREEMPT_SIGNAL:-USR1}
 PREEMPT_REQUESTED=0
 SRUN_PID=""
 on_preempt() {
+    if [ "$PREEMPT_REQUESTED" = 1 ]; then
+        # Once is enough: a second signal would interrupt the launcher while it
+        # waits for its workers to finish the checkpoint.
+        log "got SIG$1 again; already stopping"
+        return
+    fi
     log "got SIG$1: asking the training to checkpoint and stop (forwarding SIG$PREEMPT_SIGNAL to srun)"
     PREEMPT_REQUESTED=1
     if [ -n "$SRUN_PID" ]; then

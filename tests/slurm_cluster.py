@@ -111,6 +111,14 @@ class LocalSlurmCluster:
         missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
         if missing:
             return "Slurm/munge not installed (missing %s); run .ci/install-slurm.sh" % ", ".join(missing)
+        try:
+            probe = subprocess.run(["unshare", "--uts", "true"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return "unshare --uts failed: %s" % e
+        if probe.returncode != 0:
+            return "unshare --uts not permitted here (needs CAP_SYS_ADMIN): %s" % probe.stderr.strip()
+        if not os.access(HOSTS_FILE, os.W_OK):
+            return "%s is not writable" % HOSTS_FILE
         return None
 
     # -------------------------------------------------------------- properties

@@ -139,7 +139,7 @@ def _assert_run_outputs(run_dir: Path, epochs: int) -> dict:
 def test_two_node_job_completes(cluster, slurm_shards, tmp_path):
     """2 nodes x 1 process through `accelerate launch` (static rendezvous on node0): world size 2."""
     job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(slurm_shards), "--epochs", "2", *TRAIN_ARGS])
-    info = cluster.wait_job(job, timeout=180)
+    info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", _report(cluster, log, info)
     try:
@@ -162,14 +162,14 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, slurm_shards, t
     info: dict = {}
     try:
         # Progress first: a checkpoint exists, so the signal lands mid-training.
-        cluster.wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-*.pt")), 150,
+        cluster.wait_for(lambda: list((run_dir / "checkpoints").glob("ckpt-*.pt")), 240,
                          "the first checkpoint", job_id=job, poll=0.2)
         t_signal = time.monotonic()
         cluster.signal_batch(job, "USR1")
         cluster.wait_for(lambda: cluster.job_info(job).get("Restarts", "0") != "0", 90,
                          "the job to be requeued", poll=0.5)
         t_requeued = time.monotonic()
-        info = cluster.wait_job(job, timeout=200)
+        info = cluster.wait_job(job, timeout=300)
     except Exception as e:
         raise AssertionError("%s\n%s" % (e, _report(cluster, log, info))) from None
     text = log.read_text(errors="replace")
@@ -181,6 +181,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, slurm_shards, t
         assert len(re.findall(r"Received 10 death signal", text)) >= 2, "launcher on each node forwards USR1"
         assert re.search(r"SIGUSR1 received: checkpoint saved at step \d+; exiting with 75", text)
         assert "requeueing job %d" % job in text
+        # --open-mode=append: both runs' lines are in the one log file
+        assert "job %d restart 0 " % job in text and "job %d restart 1 " % job in text
         assert "restart=1" in text                        # the second run's start lines
         assert re.search(r"resumed from step \d+", text)
         assert "training finished (srun exit 0)" in text
@@ -198,7 +200,7 @@ def test_torchrun_c10d_variant(cluster, slurm_shards, tmp_path):
     """LAUNCHER=torchrun with the elastic c10d rendezvous: the same script, the other launcher."""
     job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(slurm_shards), "--epochs", "1", *TRAIN_ARGS],
                                 env={"LAUNCHER": "torchrun", "RDZV_BACKEND": "c10d"})
-    info = cluster.wait_job(job, timeout=180)
+    info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
     try:
         assert info.get("JobState") == "COMPLETED", info
