@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,9 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
                    train_args=train_args, launcher=args.launcher, machine=_machine(),
                    started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
     rows = results["variants"]
+    # A TERM to the runner (Slurm time limit, kill) is handled like Ctrl-C: the running train.py gets TERM
+    # too (it checkpoints and exits 75), and the results so far are written.
+    old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags,
                     **(dict(status="skipped", reason=v.skip) if v.skip else dict(status="not run", reason="not reached")))
                for v in variants]
@@ -118,6 +122,7 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
         elif row["status"] == "failed":
             print(f"experiments: {v.name} FAILED ({row['reason']}); log: {row['log']}", flush=True)
         report.write_all(dict(results, variants=rows + pending[i + 1:]), out)
+    signal.signal(signal.SIGTERM, old_term)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report.write_all(results, out)
 

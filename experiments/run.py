@@ -97,10 +97,11 @@ def run_variant(v: Variant, argv: list[str], out: Path, *, quiet: bool, env: dic
                     print(f"[{v.name}] {line}", end="", flush=True)
             rc = proc.wait()
         except KeyboardInterrupt:
-            # The whole child job (a launcher starts several processes): ask, then insist.
+            # The whole child job (a launcher starts several processes): ask (train.py saves a checkpoint
+            # on TERM and exits 75), then insist.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             raise

@@ -202,3 +202,26 @@ def test_existing_runs_are_not_overwritten_without_asking(shards, tmp_path, caps
     assert experiments_main(args[:-3] + ["finetune,scratch", "--pretrained", "none", "--overwrite"]) == 2
     assert "not a train.py run directory" in capsys.readouterr().err
     assert (out / "scratch" / "precious.txt").exists() and (out / "finetune" / "config.yaml").exists()
+
+
+def test_terminated_runner_stops_its_run_and_writes_what_it_has(shards, tmp_path):
+    """TERM to the runner (e.g. a Slurm time limit): the running train.py job gets TERM, the results so far are
+    written, exit 130. A launcher that just sleeps stands in for a long training run."""
+    import signal
+    import time
+    launcher = tmp_path / "slow-launcher"
+    launcher.write_text("#!/bin/sh\nexec sleep 120\n")
+    launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PYTHON, "-m", "experiments", "compare", "--data", str(shards), "--out", str(out),
+                             "--pretrained", "none", "--variants", "finetune,scratch", "--launcher", str(launcher)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "logs" / "finetune.log").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    rows = table_rows((out / "results.md").read_text())
+    assert rows["finetune"]["status"] == "failed: interrupted" and rows["scratch"]["status"] == "not run: interrupted"
