@@ -98,7 +98,7 @@ def run(cfg) -> int:
     # Only model and optimizer go through prepare: loaders are already split per rank, and the lr is set
     # per optimizer step by hand (a prepared scheduler steps once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
-    plain_model = accelerator.unwrap_model(model)
+    plain_model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
 
     # ---------------------------------------------------------------------------------------------------
     # Checkpoints: resume, save, preemption
