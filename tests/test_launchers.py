@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,7 +72,7 @@ def test_accelerate_configs_parse(name, dist_type, procs, machines):
 
 def test_launch_scripts_are_valid_bash():
     for script in (LAUNCH / "torchrun.sh", REPO / "slurm" / "finetune.sh"):
-        subprocess.run(["bash", "-n", str(script)], check=True)
+        subprocess.run([shutil.which("bash") or "/bin/bash", "-n", str(script)], check=True)
         assert os.access(script, os.X_OK), "%s is not executable" % script
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -220,4 +221,4 @@ def test_sbatch_header_keeps_gpu_defaults():
     assert header["signal"].startswith("B:USR1@")
     assert "requeue" in header and header["open-mode"] == "append"
     assert header["output"] and header["time"]
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    subprocess.run([shutil.which("bash") or "/bin/bash", "-n", str(SCRIPT)], check=True)
