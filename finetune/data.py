@@ -23,6 +23,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -168,9 +169,103 @@ class DeviceNormalizer:
         return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Optional decoding on the device (TrainStream(decode_on="device") + DeviceDecoder): the workers only read
+# the JPEG headers and draw the crop/flip with the same per-sample RNG as train_transform; the device
+# decodes the whole micro-batch in one batched decode_jpeg(list, device="cuda") call, then crops, resizes
+# and flips there. Without CUDA (or for an image nvjpeg refuses) it falls back to the CPU decoder, with the
+# same crops, so the path is testable anywhere.
+# ------------------------------------------------------------------------------------------------------
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's frame header, without decoding. ValueError if there is none."""
+    i, n = 2, len(data)
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ValueError(f"bad JPEG marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:   # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                break
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + length
+    raise ValueError("no JPEG frame header found")
+
+
+class RawJpegBatch(NamedTuple):
+    """A micro-batch still encoded: JPEG bytes as 1-d uint8 tensors, and per image (top, left, h, w, flip)."""
+    data: list
+    params: torch.Tensor
+
+
+def raw_sample(data: bytes, rng: random.Random) -> tuple[torch.Tensor, list[int]]:
+    """The worker's share of decode_on="device": the bytes and the crop/flip train_transform would draw."""
+    height, width = jpeg_size(data)
+    top, left, h, w = random_resized_crop_params(height, width, rng)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), [top, left, h, w, int(rng.random() < 0.5)]
+
+
+def decode_batch(raw: RawJpegBatch, device: torch.device, size: int) -> torch.Tensor:
+    """RawJpegBatch -> uint8 [B, 3, size, size] on `device`. CUDA: one batched nvjpeg call; any image it
+    refuses (or no CUDA at all) is decoded on the CPU instead."""
+    images = None
+    if device.type == "cuda":
+        try:
+            images = decode_jpeg(list(raw.data), mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            images = None       # one bad apple fails the batch: decode one by one below
+    if images is None:
+        images = []
+        for d in raw.data:
+            img = None
+            if device.type == "cuda":
+                try:
+                    img = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+            images.append(img if img is not None
+                          else decode_jpeg(d, mode=ImageReadMode.RGB).to(device, non_blocking=True))
+    out = []
+    for img, (top, left, h, w, flip) in zip(images, raw.params.tolist()):
+        img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+        out.append(TF.horizontal_flip(img) if flip else img)
+    return torch.stack(out)
+
+
+class DeviceDecoder(DeviceNormalizer):
+    """DeviceNormalizer that also accepts RawJpegBatch micro-batches (TrainStream(decode_on="device")) and
+    decodes them on the device first; already decoded uint8 batches (the eval stream) pass straight on."""
+
+    def __init__(self, device: torch.device, channels_last: bool, image_size: int):
+        super().__init__(device, channels_last)
+        self.image_size = image_size
+
+    def __call__(self, images, labels: torch.Tensor):
+        if isinstance(images, RawJpegBatch):
+            images = decode_batch(images, self.device, self.image_size)
+        return super().__call__(images, labels)
+
+
 def collate(samples: list[tuple[torch.Tensor, int]]):
     images, labels = zip(*samples)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def collate_raw(samples: list[tuple[tuple[torch.Tensor, list[int]], int]]):
+    items, labels = zip(*samples)
+    return (RawJpegBatch([d for d, _ in items], torch.tensor([p for _, p in items], dtype=torch.long)),
+            torch.tensor(labels, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -195,10 +290,16 @@ class TrainStream(IterableDataset):
                 buffer; an infinite stream, cut to length by the caller.
     sequential: the manifest order; global batch k holds samples [k*B, (k+1)*B), rank r takes its slice of
                 it. Independent of the world size, so 1 process x B equals 2 processes x B/2.
-    `skip` = loader batches already consumed this epoch (resume); skipped before decoding."""
+    `skip` = loader batches already consumed this epoch (resume); skipped before decoding.
+    decode_on:  "cpu" (default) yields (uint8 images, labels); "device" yields (RawJpegBatch, labels) with
+                the same crops and flips, to be decoded by DeviceDecoder on the training device."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, micro_batch: int, accum: int,
-                 steps: int, image_size: int, seed: int, order: str, shuffle_buffer: int):
+                 steps: int, image_size: int, seed: int, order: str, shuffle_buffer: int,
+                 decode_on: str = "cpu"):
+        if decode_on not in ("cpu", "device"):
+            raise ValueError(f"decode_on must be 'cpu' or 'device', not {decode_on!r}")
+        self.decode_on = decode_on
         self.split, self.rank, self.world_size = split, rank, world_size
         self.micro_batch, self.accum, self.steps = micro_batch, accum, steps
         self.image_size, self.seed, self.order, self.shuffle_buffer = image_size, seed, order, shuffle_buffer
@@ -234,11 +335,14 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         source = self._random if self.order == "random" else self._sequential
         batch = []
+        raw = self.decode_on == "device"
         for seed_key, sample in source(worker, num_workers):
             rng = random.Random(seed_key)
-            batch.append((train_transform(decode(sample["jpg"]), self.image_size, rng), int(sample["cls"])))
+            item = (raw_sample(sample["jpg"], rng) if raw
+                    else train_transform(decode(sample["jpg"]), self.image_size, rng))
+            batch.append((item, int(sample["cls"])))
             if len(batch) == self.micro_batch:
-                yield collate(batch)
+                yield collate_raw(batch) if raw else collate(batch)
                 batch = []
 
 
