@@ -125,8 +125,9 @@ class Config:
     collective_timeout: int = _opt("seconds before a collective waiting on a dead rank fails (torch default "
                                    "is 30 min)", type=_positive_int, default=60)
     # ---- debug ----------------------------------------------------------------------------------------
-    debug: bool = _opt("single-process smoke run: tiny subset, 2 short epochs, workers 0, fp32, anomaly "
-                       "detection, deterministic algorithms", default=False)
+    debug: bool = _opt("single-process smoke run: 2 epochs x 3 steps of batch 8 at 112 px, 16 test images, "
+                       "workers 0, fp32, anomaly detection, deterministic algorithms (explicit flags win)",
+                       default=False)
 
     # -----------------------------------------------------------------------------------------------------
     def run_dir(self) -> Path:
@@ -201,6 +202,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         given = set(args) | set(values)
         cfg.epochs = cfg.epochs if "epochs" in given else 2
         cfg.batch_size = cfg.batch_size if "batch_size" in given else 8
+        cfg.image_size = cfg.image_size if "image_size" in given else 112   # anomaly mode is slow: keep it small
         cfg.max_steps_per_epoch = cfg.max_steps_per_epoch or 3
         cfg.eval_limit = cfg.eval_limit or 16
         cfg.workers = 0
