@@ -8,13 +8,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -32,26 +33,8 @@ def _env(**extra) -> dict:
     return {**env, **extra}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank-*.json"))]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("launch-data")
-    py = [sys.executable, "-m", "data_prep"]
-    for args in (["synthetic", "--out", str(tmp / "src"), "--train-per-class", "8", "--test-per-class", "4",
-                  "--min-side", "32", "--max-side", "40"],
-                 ["--source", str(tmp / "src"), "--out", str(tmp / "shards"), "--samples-per-shard", "4",
-                  "--no-progress"]):
-        subprocess.run(py + args, cwd=REPO, check=True, capture_output=True, text=True)
-    return tmp / "shards"
 
 
 @pytest.mark.parametrize("name, dist_type, procs, machines", [
@@ -77,10 +60,10 @@ def test_launch_scripts_are_valid_bash():
 
 
 @pytest.mark.slow
-def test_cpu_multiprocess_config_starts_two_ddp_processes(tiny_shards, tmp_path):
+def test_cpu_multiprocess_config_starts_two_ddp_processes(shards, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([ACCELERATE, "launch", "--config_file", str(LAUNCH / "cpu_multiprocess.yaml"),
-                           str(REPO / "train.py"), "--data", str(tiny_shards), "--output-dir", str(run),
+                           str(REPO / "train.py"), "--data", str(shards), "--output-dir", str(run),
                            "--epochs", "1", *TINY],
                           env=_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
@@ -91,10 +74,10 @@ def test_cpu_multiprocess_config_starts_two_ddp_processes(tiny_shards, tmp_path)
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_static_rendezvous(tiny_shards, tmp_path):
+def test_torchrun_two_nodes_static_rendezvous(shards, tmp_path):
     """Two launcher invocations with NNODES=2 NODE_RANK=0/1 against one MASTER_ADDR:PORT, as on two nodes."""
-    run, port = tmp_path / "run", _free_port()
-    procs = [subprocess.Popen([str(LAUNCH / "torchrun.sh"), "--data", str(tiny_shards), "--output-dir", str(run),
+    run, port = tmp_path / "run", free_port()
+    procs = [subprocess.Popen([str(LAUNCH / "torchrun.sh"), "--data", str(shards), "--output-dir", str(run),
                                "--epochs", "1", *TINY],
                               env=_env(NNODES="2", NODE_RANK=str(k), MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=str(port), NPROC_PER_NODE="1"),
@@ -115,11 +98,11 @@ def test_torchrun_two_nodes_static_rendezvous(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_forwards_usr1_and_workers_checkpoint(tiny_shards, tmp_path):
+def test_torchrun_forwards_usr1_and_workers_checkpoint(shards, tmp_path):
     """torchrun handles only TERM/INT/HUP/QUIT by default; torchrun.sh adds USR1 (--signals-to-handle).
     USR1 to the launcher -> both workers checkpoint and exit 75 (the launcher itself then exits 1)."""
     run = tmp_path / "run"
-    p = subprocess.Popen([str(LAUNCH / "torchrun.sh"), "--data", str(tiny_shards), "--output-dir", str(run),
+    p = subprocess.Popen([str(LAUNCH / "torchrun.sh"), "--data", str(shards), "--output-dir", str(run),
                           "--epochs", "20", "--save-every", "1", *TINY],
                          env=_env(NPROC_PER_NODE="2"), cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)

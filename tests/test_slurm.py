@@ -71,19 +71,6 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def slurm_shards(tmp_path_factory) -> Path:
-    """32 train / 16 test synthetic images (32-48 px) in shards of 8, via the data_prep CLI."""
-    tmp = tmp_path_factory.mktemp("slurm-data")
-    py = [sys.executable, "-m", "data_prep"]
-    for args in (["synthetic", "--out", str(tmp / "src"), "--train-per-class", "16", "--test-per-class", "8",
-                  "--min-side", "32", "--max-side", "48"],
-                 ["--source", str(tmp / "src"), "--out", str(tmp / "shards"), "--samples-per-shard", "8",
-                  "--no-progress"]):
-        subprocess.run(py + args, cwd=REPO, check=True, capture_output=True, text=True)
-    return tmp / "shards"
-
-
 def _submit(cluster: LocalSlurmCluster, tmp: Path, train_args: list[str], env: dict | None = None,
             sbatch_args: list[str] = ()) -> tuple[int, Path, Path]:
     run_dir, log = tmp / "run", tmp / "job.out"
@@ -130,16 +117,16 @@ def _assert_run_outputs(run_dir: Path, epochs: int) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, epochs + 1)), metrics["epochs"]
     assert metrics["final"]["epoch"] == epochs
-    assert metrics["epochs"][-1]["test_samples"] == 16
+    assert metrics["epochs"][-1]["test_samples"] == 13      # the `shards` fixture's test split, each once
     assert list((run_dir / "checkpoints").glob("ckpt-*.pt")), "no checkpoint"
     assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (run_dir / "model.pt").exists() and (run_dir / "config.yaml").exists()
     return metrics
 
 
-def test_two_node_job_completes(cluster, slurm_shards, tmp_path):
+def test_two_node_job_completes(cluster, shards, tmp_path):
     """2 nodes x 1 process through `accelerate launch` (static rendezvous on node0): world size 2."""
-    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(slurm_shards), "--epochs", "2", *TRAIN_ARGS])
+    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "2", *TRAIN_ARGS])
     info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", _report(cluster, log, info)
@@ -154,11 +141,11 @@ def test_two_node_job_completes(cluster, slurm_shards, tmp_path):
         raise AssertionError("%s\n%s" % (e, _report(cluster, log, info))) from None
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, slurm_shards, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@T does) -> workers checkpoint and exit 75 ->
     scontrol requeue -> the same job id restarts with --resume auto and completes every epoch once."""
     epochs = 5
-    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(slurm_shards), "--epochs", str(epochs),
+    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", str(epochs),
                                                     "--save-every", "1", *TRAIN_ARGS])
     info: dict = {}
     try:
@@ -197,9 +184,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, slurm_shards, t
         raise AssertionError("%s\n%s" % (e, _report(cluster, log, info))) from None
 
 
-def test_torchrun_c10d_variant(cluster, slurm_shards, tmp_path):
+def test_torchrun_c10d_variant(cluster, shards, tmp_path):
     """LAUNCHER=torchrun with the elastic c10d rendezvous: the same script, the other launcher."""
-    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(slurm_shards), "--epochs", "1", *TRAIN_ARGS],
+    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "1", *TRAIN_ARGS],
                                 env={"LAUNCHER": "torchrun", "RDZV_BACKEND": "c10d"})
     info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
