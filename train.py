@@ -121,6 +121,9 @@ def run(cfg) -> int:
         if start_step and len(state["train_sums"]) == world:
             carried += torch.tensor(state["train_sums"][rank], dtype=torch.float64, device=carried.device)
         monitor.print(f"resumed from step {global_step} (epoch {start_epoch + 1}, step {start_step})")
+        if state["world_size"] != world:
+            monitor.print(f"note: the checkpoint was written by {state['world_size']} processes, this run has "
+                          f"{world}: training goes on, but the data order differs from an uninterrupted run")
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
 
