@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import D2L_REFERENCE
+from .plan import fmt_lr
 
 
 def _f(x, digits=3) -> str:
@@ -33,13 +34,13 @@ def markdown(results: dict) -> str:
     for r in results["variants"]:
         best = f"{_f(r.get('best_test_acc'))} ({r['best_epoch']})" if r.get("best_epoch") else ""
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
-        lr = f"{r['lr']:g}" if r.get("lr") is not None else ""
+        lr = fmt_lr(r["lr"]) if r.get("lr") is not None else ""
         lines.append(f"| {r['name']} | {r['what']} | {_flags(r['flags'])} | {lr} | {r.get('weights') or ''} | "
                      f"{_f(r.get('final_test_acc'))} | {best} | {_f(r.get('final_train_loss'))} | "
                      f"{_f(r.get('examples_per_sec'), 1)} | {status} |")
-    lines += [f"| d2l book: fine-tune | the book's own result, not this run | ImageNet weights, 224 px, 5 epochs | 5e-05 | "
+    lines += [f"| d2l book: fine-tune | the book's own result, not this run | ImageNet weights, 224 px, 5 epochs | 5e-5 | "
               f"IMAGENET1K_V1 | {D2L_REFERENCE['finetune']:.3f} | | | | reference |",
-              f"| d2l book: scratch | the book's own result, not this run | random init, 224 px, 5 epochs | 0.0005 | random init | "
+              f"| d2l book: scratch | the book's own result, not this run | random init, 224 px, 5 epochs | 5e-4 | random init | "
               f"{D2L_REFERENCE['scratch']:.3f} | | | | reference |", ""]
     lines += ["lr: the backbone learning rate the run used (from its config.yaml; the new head learns at 10x "
               "except with --scratch). Final/best test acc: accuracy on the whole test split after the last / the best epoch. "

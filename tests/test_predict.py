@@ -20,7 +20,7 @@ def trained(shards, tmp_path_factory) -> dict:
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", "none", "--epochs", "1",
                "--max-steps-per-epoch", "1", *TINY])
     saved = load_model_pt(run_dir)
-    return dict(model=str(run_dir / "model.pt"), classes=saved["classes"], saved=saved)
+    return dict(model=str(run_dir / "model.pt"), classes=saved["classes"], saved=saved, run_dir=run_dir)
 
 
 def _photo(path, size=(48, 40), mode="RGB", seed=0):
@@ -158,3 +158,17 @@ def test_command_line_script(trained, photos):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert len(_rows(proc.stdout)) == 5 and "broken.jpg" in proc.stderr
+
+
+def test_accuracy_on_the_source_photos_equals_train_pys_test_accuracy(trained, shards, capsys):
+    """The shards' test split holds the source JPEGs byte for byte, so predict.py on the source folder must
+    reproduce the test accuracy train.py measured: same decode, same eval preprocessing, same model."""
+    from conftest import read_json
+    source_test = shards.parent / "shards-src" / "test"          # where conftest's _prep made the images
+    if not source_test.is_dir():
+        pytest.skip(f"conftest no longer keeps the source images at {source_test}")
+    final = read_json(trained["run_dir"] / "metrics.json")["final"]
+    assert predict.main(["--model", trained["model"], "--score", str(source_test)]) == 0
+    err = capsys.readouterr().err
+    n = final["test_samples"]
+    assert f"accuracy against folder names {round(final['test_acc'] * n)}/{n} " in err, (final, err)
