@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="run the variants on the same shards and seed; write table and plot",
+    c = sub.add_parser("compare", usage="python -m experiments compare --data DIR [options] [-- train.py flags]",
+                       help="run the variants on the same shards and seed; write table and plot",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run fine-tune / scratch / frozen / head934 / lr-sweep variants through "
                                    "train.py. Flags after '--' go to every train.py run, e.g. "
