@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -78,6 +79,8 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
                                    plan.parse_floats(args.scratch_lrs, "--scratch-lrs"))
     common = ["--data", data, "--seed", str(args.seed), *train_args]
     launch = launcher_argv(args.launcher)
+    if shutil.which(launch[0]) is None:
+        raise plan.PlanError(f"--launcher {args.launcher}: {launch[0]} not found (is it installed / on PATH?)")
     argvs = {v.name: launch + common + ["--output-dir", str(out / v.name)] + v.flags for v in variants}
     plan.check_variant_configs(variants, common + ["--output-dir", str(out)])
 

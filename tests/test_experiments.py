@@ -170,6 +170,7 @@ def test_dry_run_with_weights_plans_head934_and_the_lr_sweep(shards, imagenet_li
     (["--lrs", "1e-4,1e-4"], "the same run twice"),
     (["--variants", "scratch", "--", "--freeze-backbone"], "variant scratch: train.py: error: --scratch and"),
     (["--pretrained", "/no/such/weights.pth"], "no such file"),
+    (["--launcher", "no-such-launcher --flag"], "no-such-launcher not found"),
 ])
 def test_usage_errors_exit_2_before_anything_runs(shards, tmp_path, capsys, args, needle):
     out = tmp_path / "out"
@@ -210,14 +211,15 @@ def test_terminated_runner_stops_its_run_and_writes_what_it_has(shards, tmp_path
     import signal
     import time
     launcher = tmp_path / "slow-launcher"
-    launcher.write_text("#!/bin/sh\nexec sleep 120\n")
+    pidfile = tmp_path / "launcher.pid"
+    launcher.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 120\n")
     launcher.chmod(launcher.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
     proc = subprocess.Popen([PYTHON, "-m", "experiments", "compare", "--data", str(shards), "--out", str(out),
                              "--pretrained", "none", "--variants", "finetune,scratch", "--launcher", str(launcher)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "logs" / "finetune.log").exists() and time.time() < deadline:
+    while not pidfile.exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -225,3 +227,5 @@ def test_terminated_runner_stops_its_run_and_writes_what_it_has(shards, tmp_path
     assert proc.returncode == 130, err
     rows = table_rows((out / "results.md").read_text())
     assert rows["finetune"]["status"] == "failed: interrupted" and rows["scratch"]["status"] == "not run: interrupted"
+    with pytest.raises(ProcessLookupError):                          # the running job was stopped, not orphaned
+        os.kill(int(pidfile.read_text()), 0)
