@@ -229,3 +229,18 @@ def test_terminated_runner_stops_its_run_and_writes_what_it_has(shards, tmp_path
     assert rows["finetune"]["status"] == "failed: interrupted" and rows["scratch"]["status"] == "not run: interrupted"
     with pytest.raises(ProcessLookupError):                          # the running job was stopped, not orphaned
         os.kill(int(pidfile.read_text()), 0)
+
+
+@pytest.mark.slow
+def test_launcher_runs_each_variant_as_a_multi_process_job(shards, tmp_path):
+    """--launcher "accelerate launch ..." (2 CPU processes over gloo): the variant runs as a DDP job."""
+    from conftest import ACCELERATE
+    out = tmp_path / "ddp"
+    launcher = (f"{ACCELERATE} launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+                f"--dynamo_backend no --main_process_port 0")
+    proc = compare(["--data", shards, "--out", out, "--variants", "scratch", "--launcher", launcher, "--quiet",
+                    "--", *FAST], env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world_size=2 " in (out / "logs" / "scratch.log").read_text()
+    assert read_json(out / "scratch" / "metrics.json")["world_size"] == 2
+    assert table_rows((out / "results.md").read_text())["scratch"]["status"] == "ok"
