@@ -4,7 +4,6 @@ before anything runs."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
