@@ -4,7 +4,8 @@ against the alternative it replaced or competes with, in the same run:
     .venv/bin/python bench/components.py                 # ~1 min on 2 CPU cores; --help for every flag
 
 - decode + augment per image: ours (decode_jpeg + v2 resized_crop/flip on uint8) vs d2l's PIL chain
-  (open/convert + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize), and the two decoders alone;
+  (open/convert + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize), vs a PIL draft()
+  half-size decode before the same crop, and the two decoders alone;
 - shard reading per sample: finetune.data's tar reader vs webdataset.tarfile_samples (same samples);
 - DeviceNormalizer per batch of 32 at 224 px: the one-copy float + memory-format conversion vs the former
   .float() ... .contiguous(memory_format) (bitwise equal results; both layouts).
@@ -19,6 +20,7 @@ import time
 
 from _common import add_data_args, machine, median, shards_for, table
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -26,6 +28,13 @@ from torchvision import transforms as T
 
 from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer, _tar_samples, decode, load_manifest,
                            train_transform)
+
+
+def _pil_draft(data: bytes) -> torch.Tensor:
+    """PIL's DCT-domain downscale (JPEG draft mode) to half size, as a uint8 [3, H, W] tensor."""
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (im.size[0] // 2, im.size[1] // 2))
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
 
 
 def rate(fn, items, repeats: int) -> list[float]:
@@ -57,6 +66,7 @@ def main() -> None:
     cases = {
         "ours: decode_jpeg + uint8 crop/flip": lambda b: train_transform(decode(b), 224, random.Random(next(counter))),
         "d2l: PIL + RandomResizedCrop/flip/ToTensor/Normalize": lambda b: d2l(Image.open(io.BytesIO(b)).convert("RGB")),
+        "PIL draft() half-size decode + uint8 crop/flip": lambda b: train_transform(_pil_draft(b), 224, random.Random(next(counter))),
         "decode_jpeg only": decode,
         "PIL decode only": lambda b: Image.open(io.BytesIO(b)).convert("RGB"),
     }
