@@ -26,8 +26,8 @@ from accelerate.utils import gather_object, set_seed
 
 from finetune import EXIT_PREEMPTED, UsageError, checkpoint, distributed
 from finetune.config import parse_config, save_config
-from finetune.data import (DeviceNormalizer, EvalStream, TrainStream, auto_workers, check_shards,
-                           load_manifest, make_loader, preprocess_spec)
+from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, TrainStream, auto_workers,
+                           check_shards, load_manifest, make_loader, preprocess_spec)
 from finetune.loop import evaluate, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
@@ -72,13 +72,15 @@ def run(cfg) -> int:
     pin = accelerator.device.type == "cuda"
     train_stream = TrainStream(manifest.train, rank=rank, world_size=world, micro_batch=micro_batch,
                                accum=cfg.grad_accum, steps=steps_per_epoch, image_size=cfg.image_size,
-                               seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer)
+                               seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
+                               decode_on=cfg.decode_on)
     train_loader = make_loader(train_stream, workers, pin)
     eval_loader = make_loader(EvalStream(manifest.test, rank=rank, world_size=world,
                                          batch=cfg.batch_size // world, image_size=cfg.image_size,
                                          limit=cfg.eval_limit), workers, pin)
     expected_test = min(cfg.eval_limit or manifest.test.num_samples, manifest.test.num_samples)
-    normalize = DeviceNormalizer(accelerator.device, cfg.channels_last)
+    normalize = (DeviceDecoder(accelerator.device, cfg.channels_last, cfg.image_size) if cfg.decode_on == "device"
+                 else DeviceNormalizer(accelerator.device, cfg.channels_last))
 
     # ---------------------------------------------------------------------------------------------------
     # Model and optimizer

@@ -98,6 +98,10 @@ class Config:
     compile: bool = _opt("torch.compile the model", default=False)
     workers: int = _opt("data loader worker processes per process (-1: auto from the CPUs per process)",
                         type=int, default=-1)
+    decode_on: str = _opt("where training JPEGs are decoded: 'cpu' (the loader workers) or 'device' (one batched "
+                          "nvjpeg decode_jpeg call per micro-batch on the GPU, crop/flip there; images nvjpeg "
+                          "refuses, and runs without CUDA, fall back to the CPU); evaluation always decodes "
+                          "on the CPU", choices=("cpu", "device"), default="cpu")
     image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
                            "image_size*256/224 first", type=_positive_int, default=224)
     shuffle_buffer: int = _opt("samples in each worker's shuffle buffer", type=_nonneg_int, default=1000)

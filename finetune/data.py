@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -281,94 +280,10 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-_TAR_BLOCK = 512
-_SKIP_META = re.compile(r"__[^/]*__($|/)")          # webdataset's defaults, kept
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-def _tar_number(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):              # GNU base-256 for large values
-        value = int.from_bytes(field[1:], "big")
-        return value - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else value
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _tar_members(url: str):
-    """(name, bytes) of the regular files of one tar, in order. A plain reader of ustar/pax/GNU headers:
-    about 10x less Python per member than tarfile's streaming mode, which was a fifth of the per-image
-    cost of the train stream (docs/performance.md). Checks every header checksum."""
-    pax: dict[str, str] = {}
-    long_name = None
-    with open(url, "rb", buffering=1 << 20) as fh:
-        offset = 0
-        while True:
-            header = fh.read(_TAR_BLOCK)
-            if len(header) < _TAR_BLOCK or header.count(0) == _TAR_BLOCK:
-                return                                   # end of archive (or a truncated tail, like tarfile)
-            if _tar_number(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32:
-                raise ValueError(f"{url}: damaged tar header at byte {offset}")
-            typeflag = header[156:157]
-            size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
-            payload = fh.read(size)
-            if len(payload) < size:
-                raise ValueError(f"{url}: truncated tar member at byte {offset}")
-            fh.seek(-size % _TAR_BLOCK, os.SEEK_CUR)
-            offset += _TAR_BLOCK + size + (-size % _TAR_BLOCK)
-            if typeflag == b"x":                         # pax header of the next member
-                pax = _pax_records(payload)
-                continue
-            if typeflag == b"g":                         # pax global header: nothing we use
-                continue
-            if typeflag == b"L":                         # GNU long name of the next member
-                long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue
-            if typeflag in (b"0", b"\0", b"7"):           # regular file
-                if "path" in pax:
-                    name = pax["path"]
-                elif long_name is not None:
-                    name = long_name
-                else:
-                    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-                    if prefix:
-                        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-                yield name, payload
-            pax, long_name = {}, None                   # other types (dirs, links, ...) are skipped
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    records, i = {}, 0
-    while i < len(payload) and payload[i:i + 1] != b"\0":
-        space = payload.index(b" ", i)
-        length = int(payload[i:space])
-        key, _, value = payload[space + 1:i + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        i += length
-    return records
-
-
 def _tar_samples(urls):
-    """What wds.tarfile_samples yields for our shards -- dicts of __key__, __url__ and one entry per
-    (lower-cased) extension, grouped by key within each shard -- from the fast reader above."""
-    for url in urls:
-        sample = None
-        for name, data in _tar_members(url):
-            if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
-                continue
-            m = _KEY_EXT.match(name)
-            if not m:
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            if ext in sample:
-                raise ValueError(f"{name}: duplicate file name in tar file {url}")
-            sample[ext] = data
-        if sample is not None:
-            yield sample
+    """Samples (dicts of __key__, __url__, jpg, cls) of the shards named by `urls`, in order: webdataset's
+    own tar reader (it also accepts remote URLs such as pipe: or http)."""
+    return wds.tarfile_samples(dict(url=url) for url in urls)
 
 
 def _indexed_samples(urls: list[str], offsets: list[int]):
@@ -427,6 +342,10 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = _worker()
+        # The DataLoader takes batch i of an epoch from worker i % num_workers, starting at worker 0 on every
+        # iter(). After a resume that skipped `skip` batches, worker w must therefore produce what worker
+        # (w + skip) % num_workers would have: otherwise the same batches arrive in another order.
+        worker = (worker + self.skip) % num_workers
         source = self._random if self.order == "random" else self._sequential
         batch = []
         raw = self.decode_on == "device"

@@ -52,7 +52,8 @@ def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, m
             with nullcontext() if sync else accelerator.no_sync(model):
                 loss, losses, correct = batch_loss(model, images, labels, accelerator, scale)
                 accelerator.backward(loss)
-            sums += torch.stack([losses.sum(), correct, torch.tensor(len(labels), device=losses.device)]).to(sums)
+            sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
+            sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)
         if cfg.clip_grad:
             accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()

@@ -16,9 +16,10 @@ from conftest import (PYTHON, REPO, TINY, free_port, load_model_pt, read_json, r
                       wait_for)
 from finetune import EXIT_PREEMPTED, checkpoint
 
-# 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer.
+# 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer, read by 2
+# loader workers (a resume at an odd step must still get the batches in their order).
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "3",
-        "--eval-limit", "4", *TINY]
+        "--eval-limit", "4", *TINY, "--workers", "2"]
 
 
 def ckpts(run_dir):
