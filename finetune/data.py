@@ -165,12 +165,10 @@ class DeviceNormalizer:
         self.shift = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        # One copy converts to float AND to the memory format (bitwise the same result as .float() then
-        # .contiguous(memory_format) after the arithmetic; measured 2x faster for channels_last on CPU,
-        # see docs/performance.md).
-        images = images.to(self.device, non_blocking=True)
-        images = images.to(torch.float32, memory_format=self.memory_format).sub_(self.shift).div_(self.scale)
-        return images, labels.to(self.device, non_blocking=True)
+        # A one-copy .to(float32, memory_format=...) variant was tried: faster in one measurement, slower in
+        # three later ones (docs/performance.md, section 5), so the plain form stays.
+        images = images.to(self.device, non_blocking=True).float().sub_(self.shift).div_(self.scale)
+        return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------------------
