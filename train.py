@@ -44,6 +44,7 @@ def run(cfg) -> int:
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
     micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+    manifest = load_manifest(cfg.data)          # before anything is written: a bad --data leaves no run dir
     who = distributed.describe(accelerator, run_dir)
     monitor = Monitor(run_dir, accelerator.is_main_process)
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
@@ -60,7 +61,6 @@ def run(cfg) -> int:
     # ---------------------------------------------------------------------------------------------------
     # Data: shards from the manifest; every rank runs the same number of steps
     # ---------------------------------------------------------------------------------------------------
-    manifest = load_manifest(cfg.data)
     distributed.agree(accelerator, check_shards(manifest) if accelerator.is_local_main_process else None)
     steps_per_epoch = manifest.train.num_samples // cfg.batch_size
     if steps_per_epoch == 0:

@@ -200,8 +200,9 @@ def test_parser_refuses_invalid_values(args, needle):
 
 
 def test_missing_manifest_and_damaged_shard_are_named(shards, tmp_path):
-    proc = run_train(["--data", tmp_path, *TINY], check=False)
+    proc = run_train(["--data", tmp_path, "--output-dir", tmp_path / "r", *TINY], check=False)
     assert proc.returncode == 2 and "no manifest.json" in _error_line(proc)
+    assert not (tmp_path / "r").exists()                    # nothing written for a run that cannot start
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
