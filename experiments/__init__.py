@@ -11,7 +11,7 @@ user starts it (`python train.py ...`, or `--launcher "accelerate launch ..."`).
 from __future__ import annotations
 
 # d2l's own numbers (PyTorch edition, section "Fine-Tuning": ImageNet weights, 224 px, 5 epochs, batch 128,
-# d2l's hotdog set, one GPU). Quoted in results.md as the book's, never as ours.
+# d2l's hotdog set, trained on the book's GPUs). Quoted in results.md as the book's, never as ours.
 D2L_REFERENCE = {"finetune": 0.939, "scratch": 0.843}
 
 NO_WEIGHTS = "no ImageNet weights: 'pretrained' variants start from random init"
