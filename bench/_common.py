@@ -39,6 +39,12 @@ def machine(device: str | None = None) -> str:
             f"device {device}, load average at start {load:.1f}")
 
 
+def in_turn(repeat: int, sides: list) -> list:
+    """Ours and the baseline alternate which goes first, repeat by repeat, so a drift in the machine's load
+    falls on both sides alike (the per-repeat ratios are paired)."""
+    return sides if repeat % 2 == 0 else sides[::-1]
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import COLUMNS, REPO, add_data_args, goal_row, machine, median, shards_for, table
+from _common import COLUMNS, REPO, add_data_args, goal_row, in_turn, machine, median, shards_for, table
 
 from finetune.data import auto_workers
 
@@ -70,7 +70,7 @@ def main() -> None:
         for r in range(args.repeats):
             sides = [("ours", lambda: run_ours(shards, args, extra, f"{tmp}/run{r}"), ours),
                      ("d2l", lambda: run_d2l(args), base)]
-            for name, fn, acc in (sides if r % 2 == 0 else sides[::-1]):
+            for name, fn, acc in in_turn(r, sides):
                 epochs = fn()
                 acc += epochs
                 for e in epochs:

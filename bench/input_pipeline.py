@@ -27,7 +27,7 @@ import argparse
 import itertools
 import time
 
-from _common import COLUMNS, add_data_args, goal_row, machine, median, shards_for, table
+from _common import COLUMNS, add_data_args, goal_row, in_turn, machine, median, shards_for, table
 
 import torch
 from torch.utils.data import DataLoader
@@ -102,7 +102,7 @@ def main() -> None:
     ours, base = [], []
     for r in range(args.repeats):
         pair = [("ours", ours_loader, shards, ours), ("d2l", d2l_loader, args.source, base)]
-        for name, make, src, acc in (pair if r % 2 == 0 else pair[::-1]):
+        for name, make, src, acc in in_turn(r, pair):
             acc.append(timed(make(src, args.batch_size, args.image_size, workers, r, args.decode_on),
                              args.warmup,
                              args.batches, args.batch_size))

@@ -19,7 +19,7 @@ import copy
 import time
 import types
 
-from _common import COLUMNS, goal_row, machine, median, table
+from _common import COLUMNS, goal_row, in_turn, machine, median, table
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,7 @@ def main() -> None:
     o, b = [], []
     for r in range(args.repeats):
         sides = [("ours", lambda: ours.run(batches, args.steps), o), ("bare", lambda: bare.run(float_batches, args.steps), b)]
-        for name, fn, acc in (sides if r % 2 == 0 else sides[::-1]):
+        for name, fn, acc in in_turn(r, sides):
             acc.append(fn())
             print(f"  repeat {r + 1}: {name} {acc[-1]:8.2f} img/s", flush=True)
     print()
