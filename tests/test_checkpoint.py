@@ -41,6 +41,13 @@ def assert_same_weights(a, b):
     assert not different, different[:5]
 
 
+def test_keeps_the_last_k_and_the_best(reference):
+    assert ckpts(reference) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]   # --keep-last 3
+    best = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
+    accs = [e["test_acc"] for e in read_json(reference / "metrics.json")["epochs"]]
+    assert best["best_acc"] == max(accs) and best["step"] == 4 * (accs.index(max(accs)) + 1)
+
+
 def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]
