@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.data import DeviceNormalizer
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -119,19 +121,6 @@ def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
     return TF.center_crop(img, crop)
 
 
-class Normalizer:
-    """uint8 batch -> float on the device, (x/255 - mean) / std, as finetune.data.DeviceNormalizer does."""
-
-    def __init__(self, spec: dict, device: torch.device):
-        self.device = device
-        self.scale = torch.tensor(spec["std"], device=device).view(1, 3, 1, 1) * 255
-        self.shift = torch.tensor(spec["mean"], device=device).view(1, 3, 1, 1) * 255
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True).float().sub_(self.shift).div_(self.scale)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
-
-
 # ------------------------------------------------------------------------------------------------------
 # Prediction
 # ------------------------------------------------------------------------------------------------------
@@ -152,12 +141,12 @@ def batches(images: list[Path], spec: dict, batch_size: int, on_error):
 
 
 @torch.inference_mode()
-def predict(model, normalize: Normalizer, classes: list[str], images: list[Path], spec: dict, batch_size: int,
+def predict(model, normalize: DeviceNormalizer, classes: list[str], images: list[Path], spec: dict, batch_size: int,
             top_k: int, on_error):
     """Yields (path, [(label, probability)] * top_k) per readable image, in input order."""
     k = min(top_k, len(classes))
     for paths, batch in batches(images, spec, batch_size, on_error):
-        probs = torch.softmax(model(normalize(batch)).float(), dim=1).cpu()
+        probs = torch.softmax(model(normalize(batch)[0]).float(), dim=1).cpu()
         values, indices = probs.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
             yield path, [(classes[i], v) for i, v in zip(idxs, vals)]
@@ -210,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
 
-    normalize = Normalizer(spec, device)
+    # The run's own normalisation (model.pt records mean/std); channels_last where it pays, on the GPU.
+    normalize = DeviceNormalizer(device, device.type == "cuda", mean=spec["mean"], std=spec["std"])
     labelled = correct = scored = 0
     for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error):
         labelled += 1

@@ -158,17 +158,18 @@ def preprocess_spec(image_size: int) -> dict:
 class DeviceNormalizer:
     """uint8 [B,3,H,W] on the host -> normalised float on the device (in the layout the model wants)."""
 
-    def __init__(self, device: torch.device, channels_last: bool):
+    def __init__(self, device: torch.device, channels_last: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.scale = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.shift = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.scale = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.shift = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         # A one-copy .to(float32, memory_format=...) variant was tried: faster in one measurement, slower in
         # three later ones (docs/performance.md, section 5), so the plain form stays.
         images = images.to(self.device, non_blocking=True).float().sub_(self.shift).div_(self.scale)
-        return images.contiguous(memory_format=self.memory_format), labels.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True) if labels is not None else None
+        return images.contiguous(memory_format=self.memory_format), labels
 
 
 # ------------------------------------------------------------------------------------------------------
