@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from finetune import atomic_write_text
+
 from . import D2L_REFERENCE
 from .plan import fmt_lr
 
@@ -92,8 +94,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_all(results: dict, out: Path) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "test_acc.png")

@@ -1,6 +1,16 @@
 """Library code behind train.py: one module per concern (config, data, model, loop, checkpoint, monitor)."""
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers (and crashes) see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class UsageError(Exception):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from . import atomic_write_text
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -229,6 +230,4 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 
-from . import UsageError
+from . import UsageError, atomic_write_text
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -85,9 +85,7 @@ def write_rank_file(run_dir: Path, info: dict) -> None:
     when DDP kept them in sync)."""
     ranks = run_dir / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)
-    tmp = ranks / f".rank-{info['rank']}.json.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, ranks / f"rank-{info['rank']}.json")
+    atomic_write_text(ranks / f"rank-{info['rank']}.json", json.dumps(info))
 
 
 def param_digest(model: torch.nn.Module) -> str:

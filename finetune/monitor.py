@@ -5,11 +5,12 @@ metrics.json in the run directory."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from . import atomic_write_text
 
 
 class StepTimer:
@@ -97,10 +98,7 @@ class Monitor:
 
     def write_metrics(self, metrics: dict):
         if self.is_main:
-            path = self.run_dir / "metrics.json"
-            tmp = path.with_name(".metrics.json.tmp")
-            tmp.write_text(json.dumps(metrics, indent=2))
-            os.replace(tmp, path)
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
 
     def close(self):
         if self.writer:
