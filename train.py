@@ -151,7 +151,7 @@ def run(cfg) -> int:
         batches = itertools.islice(iter(train_loader), (steps_per_epoch - start_step) * cfg.grad_accum)
         result = train_one_epoch(model, optimizer, batches, cfg=cfg, accelerator=accelerator,
                                  normalize=normalize, monitor=monitor, preempt=preempt, epoch=epoch,
-                                 start=start_step, steps=steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                                 start=start_step, steps=steps_per_epoch,
                                  global_step=global_step, sums=carried, on_save=save_checkpoint)
         global_step = result["global_step"]
         if result["preempted"]:

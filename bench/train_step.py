@@ -93,7 +93,7 @@ class Ours:
         t = time.perf_counter()
         train_one_epoch(self.model, self.opt, it, cfg=self.cfg, accelerator=self.acc, normalize=self.normalize,
                         monitor=self.monitor, preempt=self.preempt, epoch=0, start=0, steps=steps,
-                        steps_per_epoch=steps, global_step=0, sums=self.sums, on_save=lambda *a: None)
+                        global_step=0, sums=self.sums, on_save=lambda *a: None)
         sync(self.acc.device)
         return steps * self.cfg.batch_size / (time.perf_counter() - t)
 

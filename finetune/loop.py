@@ -28,9 +28,9 @@ def batch_loss(model, images, labels, accelerator, scale: float):
 
 
 def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, monitor, preempt,
-                    epoch: int, start: int, steps: int, steps_per_epoch: int, global_step: int,
+                    epoch: int, start: int, steps: int, global_step: int,
                     sums: torch.Tensor, on_save) -> dict:
-    """Runs optimizer steps start..steps-1 of `epoch`. `sums` = [loss sum, correct, samples] of this rank,
+    """Runs optimizer steps start..steps-1 of `epoch` (steps = optimizer steps per epoch). `sums` = [loss sum, correct, samples] of this rank,
     carried in from a resumed checkpoint. Stops early (preempted=True) when any rank got a preemption
     signal; all ranks stop after the same step."""
     world = accelerator.num_processes
@@ -44,7 +44,7 @@ def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, m
     epoch_start = time.perf_counter()
     timer.start()
     for step in range(start, steps):
-        set_lr(optimizer, lr_factor(cfg, global_step, steps_per_epoch))
+        set_lr(optimizer, lr_factor(cfg, global_step, steps))
         for micro in range(cfg.grad_accum):
             images, labels = normalize(*timer.fetch(batches))
             # Only the last micro-batch all-reduces gradients; the others accumulate locally.
