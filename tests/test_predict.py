@@ -117,13 +117,15 @@ def test_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
 
 
 def test_preprocessing_is_train_pys_eval_preprocessing(trained):
-    from finetune.data import DeviceNormalizer, eval_transform, preprocess_spec
+    from finetune.arch import preprocessing
+    from finetune.data import DeviceNormalizer, eval_transform
     spec = trained["saved"]["preprocess"]
     size = spec["crop"]
-    assert spec == preprocess_spec(size)
+    assert spec == preprocessing("resnet18", size)
+    assert spec["resize"] == [round(size * 256 / 224)] * 2     # d2l: Resize(256, 256) + CenterCrop(224), scaled
     img = torch.randint(0, 256, (3, 70, 50), dtype=torch.uint8)
     ours = predict.preprocess(img, spec)
-    assert torch.equal(ours, eval_transform(img, size))
+    assert torch.equal(ours, eval_transform(img, spec))
     cpu = torch.device("cpu")
     expected, _ = DeviceNormalizer(cpu, channels_last=False)(ours[None], torch.zeros(1))
     # predict.py normalises with model.pt's mean/std: the same numbers as training's default
@@ -141,7 +143,7 @@ def test_probabilities_are_the_models_softmax(trained, photos):
     model.load_state_dict(saved["state_dict"])
     model.eval()
     img = decode_image(str(files[0]), mode=ImageReadMode.RGB)
-    x, _ = DeviceNormalizer(torch.device("cpu"), False)(eval_transform(img, saved["preprocess"]["crop"])[None],
+    x, _ = DeviceNormalizer(torch.device("cpu"), False)(eval_transform(img, saved["preprocess"])[None],
                                                         torch.zeros(1))
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)[0]
