@@ -100,7 +100,8 @@ def describe(accelerator: Accelerator, run_dir: Path) -> dict:
     every rank's device and host, for the first log line and the d2l-style 'on [devices]' line."""
     me = dict(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
               world_size=accelerator.num_processes, node_rank=node_rank(), hostname=socket.gethostname(),
-              device=str(accelerator.device), pid=os.getpid())
+              device=str(accelerator.device), pid=os.getpid(),
+              cpus=len(os.sched_getaffinity(0)))        # the CPUs this process may run on (Slurm binding)
     write_rank_file(run_dir, me)
     everyone = gather_object([me]) if accelerator.num_processes > 1 else [me]
     return dict(me=me, world_size=accelerator.num_processes,

@@ -194,8 +194,10 @@ else
     # not kill a node that is still writing the checkpoint. A crashed node makes
     # the others fail in their next collective (gloo/NCCL error or train.py's
     # --collective-timeout) instead.
-    srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --export=ALL \
-        bash -c "$TASK" finetune-task "$@" &
+    # --cpus-per-task again: since Slurm 22.05 srun no longer inherits it from the batch job, and each
+    # node's task (launcher, ranks, loader workers) would be bound to a single CPU.
+    srun --nodes="$NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+        --kill-on-bad-exit=0 --export=ALL bash -c "$TASK" finetune-task "$@" &
     SRUN_PID=$!
     # `wait` returns early (status > 128) when a trapped signal arrives; keep
     # waiting until srun itself has exited and we have its status.
