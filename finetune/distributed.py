@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs, gather_object, parse_flag_from_env
 
 from . import UsageError, atomic_write_text
 
@@ -27,16 +27,38 @@ def _cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_precision(requested: str) -> str:
-    cuda = torch.cuda.is_available()
-    if requested == "fp16" and not cuda:
+def choose_precision(requested: str, cuda_available: bool, bf16_native: bool, cpu_fast_bf16: bool) -> str:
+    """--precision after `auto`: bf16 only where the device computes it natively (a GPU of compute capability
+    8.0+, a CPU with AVX512-BF16/AMX), fp16 on older GPUs (a T4 or V100 only emulates bf16, and cuDNN has no
+    bf16 convolutions there), fp32 on other CPUs."""
+    if requested == "fp16" and not cuda_available:
         raise UsageError("--precision fp16 needs a GPU: fp16 autocast on CPU silently does nothing; "
                          "use --precision bf16 or no")
     if requested == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if _cpu_has_fast_bf16() else "no"
+        if cuda_available:
+            return "bf16" if bf16_native else "fp16"
+        return "bf16" if cpu_fast_bf16 else "no"
     return requested
+
+
+def resolve_precision(requested: str, device: torch.device | None = None) -> str:
+    """choose_precision() for `device` (default: CUDA's current device when there is one). The bf16 probe
+    reads the device's compute capability (including_emulation=False: no test allocation, which would open a
+    context on that GPU); call it after this rank's device is set."""
+    cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+    bf16_native = cuda and requested == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)
+    cpu_fast_bf16 = not cuda and requested == "auto" and _cpu_has_fast_bf16()
+    return choose_precision(requested, cuda, bf16_native, cpu_fast_bf16)
+
+
+def check_one_device_per_rank(local_world_size: int, gpus: int, visible: str | None) -> None:
+    """Accelerate gives local rank r the GPU r % (GPUs torch sees): more processes on a node than GPUs
+    means two ranks share a device (NCCL: "Duplicate GPU detected", or twice the memory on one GPU)."""
+    if gpus and local_world_size > gpus:
+        seen = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+        raise UsageError(f"{local_world_size} processes on this node but torch sees {gpus} GPU(s) ({seen}): "
+                         f"two ranks would share a GPU; start one process per GPU "
+                         f"(accelerate launch --num_processes / torchrun --nproc_per_node {gpus} per node)")
 
 
 def setup(cfg) -> Accelerator:
@@ -44,17 +66,25 @@ def setup(cfg) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.debug and world > 1:
         raise UsageError(f"--debug runs one process; this launch started {world} (use python train.py --debug)")
-    if cfg.sync_bn and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cfg.sync_bn and not cuda:
         raise UsageError("--sync-bn needs GPUs: torch's SyncBatchNorm only runs on CUDA tensors "
                          "(use --freeze-bn for small per-process batches on CPU)")
-    precision = resolve_precision(cfg.precision)
     # cpu=... : without it, torchrun on a CPU-only machine would start N independent single-process runs.
+    cpu = not cuda or parse_flag_from_env("ACCELERATE_USE_CPU")
+    if not cpu:
+        check_one_device_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(),
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+    # A rank that died must not leave the others waiting for 30 minutes (the gloo/NCCL default).
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    # The process state first: it sets this rank's device, so the precision probe reads this rank's GPU.
+    state = PartialState(cpu=cpu, **process_group.to_kwargs())
+    precision = resolve_precision(cfg.precision, state.device)
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=cpu,
         mixed_precision=precision,
         dynamo_backend="inductor" if cfg.compile else None,
-        # A rank that died must not leave the others waiting for 30 minutes (the gloo/NCCL default).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))],
+        kwargs_handlers=[process_group],
     )
 
 
@@ -70,7 +100,8 @@ def describe(accelerator: Accelerator, run_dir: Path) -> dict:
     every rank's device and host, for the first log line and the d2l-style 'on [devices]' line."""
     me = dict(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
               world_size=accelerator.num_processes, node_rank=node_rank(), hostname=socket.gethostname(),
-              device=str(accelerator.device), pid=os.getpid())
+              device=str(accelerator.device), pid=os.getpid(),
+              cpus=len(os.sched_getaffinity(0)))        # the CPUs this process may run on (Slurm binding)
     write_rank_file(run_dir, me)
     everyone = gather_object([me]) if accelerator.num_processes > 1 else [me]
     return dict(me=me, world_size=accelerator.num_processes,

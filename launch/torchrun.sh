@@ -12,7 +12,7 @@
 # CPU only (gloo; train.py picks the CPU when no GPU is visible):
 #   NPROC_PER_NODE=2 OMP_NUM_THREADS=1 launch/torchrun.sh --data SHARDS --pretrained none --precision no ...
 #
-# Environment: NPROC_PER_NODE [GPUs from nvidia-smi, else 1], NNODES [1], NODE_RANK [0],
+# Environment: NPROC_PER_NODE [GPUs torch sees (CUDA_VISIBLE_DEVICES), else 1], NNODES [1], NODE_RANK [0],
 # MASTER_ADDR [127.0.0.1], MASTER_PORT [29500], RDZV_BACKEND [static], RDZV_ENDPOINT
 # [$MASTER_ADDR:$MASTER_PORT], RDZV_ID [hotdog], PYTHON [python3], TRAIN_PY [train.py next
 # to this script's directory], PREEMPT_SIGNALS [SIGUSR1]: signals torchrun forwards to its workers
@@ -30,11 +30,14 @@ RDZV_BACKEND=${RDZV_BACKEND:-static}
 PREEMPT_SIGNALS=${PREEMPT_SIGNALS:-SIGUSR1}
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
-    else
-        NPROC_PER_NODE=1
-    fi
+    # One process per GPU that torch sees: honours CUDA_VISIBLE_DEVICES and Slurm's binding, and counts a
+    # MIG-partitioned GPU as the one device a process can use (`nvidia-smi -L` lists every MIG instance).
+    NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    [ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1      # no GPU: one CPU process
+fi
+if ! [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]]; then
+    echo "launch/torchrun.sh: NPROC_PER_NODE must be a positive number of processes, not '$NPROC_PER_NODE'" >&2
+    exit 2
 fi
 
 cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC_PER_NODE"

@@ -19,8 +19,8 @@
 #   TRAIN_PY        training script          [$SLURM_SUBMIT_DIR/train.py]
 #   PYTHON          interpreter with torch + accelerate   [python3]
 #   LAUNCHER        accelerate | torchrun    [accelerate]
-#   NPROC_PER_NODE  processes per node       [GPUs Slurm gave the node, else 1]
-#   USE_CPU         1 = CPU-only nodes (gloo), 0 = GPUs, empty = detect via nvidia-smi
+#   NPROC_PER_NODE  processes per node       [GPUs torch sees in the step (at most Slurm's), else 1]
+#   USE_CPU         1 = CPU-only nodes (gloo), 0 = GPUs, empty = GPUs if torch sees any
 #   RDZV_BACKEND    static | c10d            [static]
 #   MASTER_PORT     rendezvous port          [derived from the job id]
 #   ACCELERATE_CONFIG   optional accelerate config file (launch/*.yaml); flags set here win
@@ -129,23 +129,37 @@ export PYTHONUNBUFFERED=1
 # own node. Arguments: train.py's extra flags.
 TASK='
 set -euo pipefail
+# The GPUs this step may use, as torch counts them: Slurm binds the step to its GPUs through
+# CUDA_VISIBLE_DEVICES (and cgroups), and a MIG-partitioned GPU is one device per process (`nvidia-smi -L`
+# would list every GPU of the node and every MIG instance).
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
 if [ -z "${USE_CPU:-}" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then USE_CPU=0; else USE_CPU=1; fi
+    if [ "$GPUS" -gt 0 ]; then USE_CPU=0; else USE_CPU=1; fi
+fi
+if [ "$USE_CPU" = 0 ] && [ "$GPUS" -eq 0 ]; then
+    echo "slurm/finetune.sh: USE_CPU=0 but torch sees no GPU on $(hostname)" \
+         "(CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset})" >&2
+    exit 2
 fi
 if [ -n "${NPROC_PER_NODE:-}" ]; then NPROC=$NPROC_PER_NODE
-elif [ "$USE_CPU" = 0 ] && [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then NPROC=$SLURM_GPUS_ON_NODE
-elif [ "$USE_CPU" = 0 ]; then NPROC=$(nvidia-smi -L | wc -l)
+elif [ "$USE_CPU" = 0 ]; then
+    # One process per GPU; never more than Slurm gave the node (unbound GPUs belong to other jobs).
+    NPROC=$GPUS
+    if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "$SLURM_GPUS_ON_NODE" -lt "$NPROC" ]; then NPROC=$SLURM_GPUS_ON_NODE; fi
 else NPROC=1
 fi
 NODE_RANK=$SLURM_NODEID
 WORLD=$((NNODES * NPROC))
-# Give each process its share of the task CPUs (torch would take them all).
+# The CPUs this step may run on (the srun below passes --cpus-per-task, else it would be one).
+CPUS=$(nproc)
+# Give each process its share of them (torch would start a thread per CPU in every process).
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-    OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-$NPROC} / NPROC )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+    OMP_NUM_THREADS=$(( CPUS / NPROC )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
     export OMP_NUM_THREADS
 fi
 echo "[finetune $(date -u +%FT%TZ) node] host=$(hostname) node_rank=$NODE_RANK nproc=$NPROC" \
-     "world_size=$WORLD device=$([ "$USE_CPU" = 1 ] && echo cpu || echo gpu) launcher=$LAUNCHER" \
+     "world_size=$WORLD device=$([ "$USE_CPU" = 1 ] && echo cpu || echo gpu) gpus_seen=$GPUS" \
+     "slurm_gpus=${SLURM_GPUS_ON_NODE:-none} cpus=$CPUS launcher=$LAUNCHER" \
      "master=$MASTER_ADDR:$MASTER_PORT restart=${SLURM_RESTART_COUNT:-0}"
 if [ "$USE_CPU" = 1 ]; then export ACCELERATE_USE_CPU=1; fi
 if [ "$LAUNCHER" = accelerate ]; then
@@ -180,8 +194,10 @@ else
     # not kill a node that is still writing the checkpoint. A crashed node makes
     # the others fail in their next collective (gloo/NCCL error or train.py's
     # --collective-timeout) instead.
-    srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --export=ALL \
-        bash -c "$TASK" finetune-task "$@" &
+    # --cpus-per-task again: since Slurm 22.05 srun no longer inherits it from the batch job, and each
+    # node's task (launcher, ranks, loader workers) would be bound to a single CPU.
+    srun --nodes="$NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+        --kill-on-bad-exit=0 --export=ALL bash -c "$TASK" finetune-task "$@" &
     SRUN_PID=$!
     # `wait` returns early (status > 128) when a trapped signal arrives; keep
     # waiting until srun itself has exited and we have its status.

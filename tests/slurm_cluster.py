@@ -13,7 +13,9 @@ Why these settings (Debian 12, Slurm 22.05):
 
 * ``SlurmUser=root``: the tests run as root and there is no ``slurm`` user
   with a home for state files.
-* ``ProctrackType=proctrack/pgid``, ``TaskPlugin=task/none``: no cgroups in a
+* ``ProctrackType=proctrack/pgid``, ``TaskPlugin=task/none`` (or
+  ``task_plugin="task/affinity"`` with ``TaskPluginParam=Cores``: CPU binding with sched_setaffinity, so a
+  step runs on exactly the CPUs Slurm gave it, as on a real cluster): no cgroups in a
   container. With pgid tracking, a step signal goes to the task's process
   group, i.e. also straight to the launcher's workers.
 * ``SelectType=select/cons_tres``: the only select plugin that knows
@@ -85,13 +87,15 @@ def _free_port_block(count: int, start: int = 16817, stop: int = 30000) -> int:
 
 class LocalSlurmCluster:
     def __init__(self, workdir: os.PathLike | str, num_nodes: int = 2, gpus_per_node: int = 2,
-                 cpus_per_node: int | None = None, debug: str = "info", first_job_id: int = 1):
+                 cpus_per_node: int | None = None, debug: str = "info", first_job_id: int = 1,
+                 task_plugin: str = "task/none"):
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
         self.gpus_per_node = gpus_per_node
         self.cpus_per_node = cpus_per_node
         self.debug = debug
         self.first_job_id = first_job_id
+        self.task_plugin = task_plugin
         self.nodes = ["node%d" % k for k in range(num_nodes)]
         self.conf = self.workdir / "etc" / "slurm.conf"
         self.munge_socket = self.workdir / "munge" / "munge.socket"
@@ -177,7 +181,9 @@ class LocalSlurmCluster:
             "SlurmctldDebug=%s" % self.debug,
             "SlurmdDebug=%s" % self.debug,
             "ProctrackType=proctrack/pgid",
-            "TaskPlugin=task/none",
+            "TaskPlugin=%s" % self.task_plugin,
+            # Bind each task to the cores of its step (what cgroups' ConstrainCores does on a real cluster).
+            "TaskPluginParam=Cores" if self.task_plugin == "task/affinity" else "",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/backfill",

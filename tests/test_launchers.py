@@ -39,7 +39,7 @@ def _ranks(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("name, dist_type, procs, machines", [
     ("single_gpu.yaml", "NO", 1, 1),
-    ("multi_gpu.yaml", "MULTI_GPU", 8, 1),
+    ("multi_gpu.yaml", "MULTI_GPU", -1, 1),      # -1: --num_processes must be given (the GPUs torch sees)
     ("multi_node.yaml", "MULTI_GPU", 16, 2),
     ("cpu_multiprocess.yaml", "MULTI_GPU", 2, 1),
 ])

@@ -4,7 +4,7 @@ The cluster (tests/slurm_cluster.py) runs real munged/slurmctld/slurmd daemons; 
 in its own UTS namespace (hostnames node0/node1) on 127.0.0.1/127.0.0.2. The job script is submitted
 unchanged: its header asks for GPUs, which the test nodes declare as a countable resource backed by no
 device (so the header is accepted; training runs on CPU/gloo). The sbatch command line only shrinks
-the request to what the test nodes have (--gpus-per-node=1 --cpus-per-task=1), as a user would.
+the request to what the test nodes have (--gpus-per-node=1 --cpus-per-task=2), as a user would.
 
 Skips (with the reason) when not root or when Slurm/munge are not installed (.ci/install-slurm.sh);
 set REQUIRE_SLURM_TESTS=1 to make that a failure instead (CI, once the install step is wired in).
@@ -34,8 +34,10 @@ pytestmark = pytest.mark.slow
 # Tiny, fast training: 32 px, random init, 3 steps of 8 images per epoch, 2 processes (one per node).
 TRAIN_ARGS = ["--batch-size", "8", "--image-size", "32", "--pretrained", "none", "--precision", "no",
               "--workers", "0", "--max-steps-per-epoch", "3", "--log-every", "1"]
-# The header asks for 4 GPUs and 32 CPUs per node; the test nodes have 2 (fake) GPUs and 2 CPUs.
-SBATCH_FIT = ["--gpus-per-node=1", "--cpus-per-task=1"]
+# The header asks for 4 GPUs and 32 CPUs per node; the test nodes have 2 (fake) GPUs and 2 CPUs, and bind
+# each step to the CPUs Slurm gave it (task/affinity), as a real cluster does.
+CPUS_PER_TASK = 2
+SBATCH_FIT = ["--gpus-per-node=1", "--cpus-per-task=%d" % CPUS_PER_TASK]
 
 
 def _skip_or_fail(reason: str):
@@ -59,7 +61,8 @@ def cluster(tmp_path_factory):
         _skip_or_fail(reason)
     # munge/slurmd sockets live under it: keep the path short (AF_UNIX paths are limited to 108 bytes).
     work = tmp_path_factory.mktemp("cluster")
-    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=2, first_job_id=_free_job_id_base())
+    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=2, cpus_per_node=CPUS_PER_TASK,
+                          first_job_id=_free_job_id_base(), task_plugin="task/affinity")
     try:
         c.start()
     except Exception as e:  # noqa: BLE001
@@ -111,6 +114,8 @@ def _assert_two_nodes(run_dir: Path, log_text: str, expect_node_ranks: bool = Tr
                         log_text)
     assert {(h, int(nr)) for h, nr, _, _ in starts} >= {("node0", 0), ("node1", 1)}, starts
     assert all(int(n) == 1 and int(w) == 2 for _, _, n, w in starts), starts
+    # torch sees no GPU behind the fake ones, so each node runs one CPU process; Slurm gave it 1 (fake) GPU.
+    assert len(re.findall(r"device=cpu gpus_seen=0 slurm_gpus=1 ", log_text)) >= 2, log_text[-3000:]
 
 
 def _assert_run_outputs(run_dir: Path, epochs: int) -> dict:
@@ -137,6 +142,24 @@ def test_two_node_job_completes(cluster, shards, tmp_path):
         # the derived rendezvous port: 20000 + job id % 20000, stable across requeues
         assert "master=node0:%d " % (20000 + job % 20000) in text
         assert "training finished (srun exit 0)" in text
+    except AssertionError as e:
+        raise AssertionError("%s\n%s" % (e, _report(cluster, log, info))) from None
+
+
+def test_step_gets_the_jobs_cpus(cluster, shards, tmp_path):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task from the batch job: without passing it again
+    each node's task (launcher, ranks, loader workers) is bound to one CPU. finetune.sh passes it; the node
+    line (nproc) and every rank file (os.sched_getaffinity) show the job's CPUs."""
+    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "1", *TRAIN_ARGS],
+                                env={"OMP_NUM_THREADS": ""})
+    info = cluster.wait_job(job, timeout=300)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    try:
+        assert info.get("JobState") == "COMPLETED", info
+        cpus = re.findall(r"\[finetune \S+ node\] host=node\d .* cpus=(\d+) ", text)
+        assert cpus == [str(CPUS_PER_TASK)] * 2, cpus
+        ranks = _ranks(run_dir)
+        assert len(ranks) == 2 and {r["cpus"] for r in ranks} == {CPUS_PER_TASK}, ranks
     except AssertionError as e:
         raise AssertionError("%s\n%s" % (e, _report(cluster, log, info))) from None
 
