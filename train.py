@@ -24,7 +24,7 @@ import sys
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from finetune import EXIT_PREEMPTED, UsageError, checkpoint, distributed
+from finetune import EXIT_PREEMPTED, UsageError, checkpoint, cli_main, distributed
 from finetune.config import parse_config, save_config
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader, preprocess_spec)
@@ -199,12 +199,13 @@ def run(cfg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)          # bad flags: argparse prints usage + one line, exit 2
+    # Bad flags: argparse prints usage + one line, exit 2. A UsageError: one line, exit 2 (cli_main).
+    return cli_main("train.py", lambda: run_explaining_dead_peers(parse_config(argv)))
+
+
+def run_explaining_dead_peers(cfg) -> int:
     try:
         return run(cfg)
-    except UsageError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001 -- a dead peer is an event to explain, not a traceback to dump
         message = distributed.collective_failure(e)
         if message is None:

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import UsageError
+
 from . import NO_WEIGHTS
 
 # Variant groups, in run order. `lr` and `scratch-lr` expand to one run per learning rate.
@@ -27,8 +29,9 @@ RESERVED = {"data": "--data", "output_dir": "--out", "name": "--out", "pretraine
 IMAGENET_FILE = "resnet18-f37072fd.pth"
 
 
-class PlanError(Exception):
-    """A usage mistake found before any run starts: one line, exit code 2."""
+# A usage mistake found before any run starts is the project's one UsageError (one line, exit code 2).
+# PlanError is the same class under its old name, still raised by resolve_weights.
+PlanError = UsageError
 
 
 @dataclass
@@ -97,9 +100,9 @@ def parse_floats(text: str, option: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise PlanError(f"{option} {text}: expected comma-separated numbers, e.g. 1e-4,5e-4") from None
+        raise UsageError(f"{option} {text}: expected comma-separated numbers, e.g. 1e-4,5e-4") from None
     if not values or any(not v > 0 for v in values):
-        raise PlanError(f"{option} {text}: expected positive learning rates")
+        raise UsageError(f"{option} {text}: expected positive learning rates")
     return values
 
 
@@ -116,19 +119,19 @@ def check_train_args(train_args: list[str]) -> None:
             known, unknown = parser.parse_known_args(train_args)
     except SystemExit:
         last = (err.getvalue().strip().splitlines() or ["invalid flags"])[-1]
-        raise PlanError(f"after '--': {last}") from None
+        raise UsageError(f"after '--': {last}") from None
     if unknown:
-        raise PlanError(f"not a train.py flag: {' '.join(unknown)} (see python train.py --help)")
+        raise UsageError(f"not a train.py flag: {' '.join(unknown)} (see python train.py --help)")
     clash = [f"{k.replace('_', '-')} (use compare's {RESERVED[k]})" for k in vars(known) if k in RESERVED]
     if clash:
-        raise PlanError(f"set by the runner, not after '--': --{', --'.join(clash)}")
+        raise UsageError(f"set by the runner, not after '--': --{', --'.join(clash)}")
 
 
 def build_variants(groups: list[str], weights: Weights, lrs: list[float],
                    scratch_lrs: list[float]) -> list[Variant]:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
-        raise PlanError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(GROUPS)} or 'all'")
+        raise UsageError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(GROUPS)} or 'all'")
     pre = ["--pretrained", weights.value]
     random_note = " [random init: no weights]" if weights.value == "none" else ""
     out: list[Variant] = []
@@ -161,7 +164,7 @@ def build_variants(groups: list[str], weights: Weights, lrs: list[float],
     names = [v.name for v in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise PlanError(f"the same run twice: {', '.join(dupes)} (check --lrs / --scratch-lrs)")
+        raise UsageError(f"the same run twice: {', '.join(dupes)} (check --lrs / --scratch-lrs)")
     return out
 
 
@@ -180,4 +183,4 @@ def check_variant_configs(variants: list[Variant], common: list[str]) -> None:
                 parse_config(common + v.flags)
         except SystemExit:
             last = (err.getvalue().strip().splitlines() or ["invalid flags"])[-1]
-            raise PlanError(f"variant {v.name}: {last}") from None
+            raise UsageError(f"variant {v.name}: {last}") from None
