@@ -95,5 +95,5 @@ def plot(results: dict, path: Path) -> None:
 
 def write_all(results: dict, out: Path) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    (out / "results.md").write_text(markdown(results))
+    atomic_write_text(out / "results.md", markdown(results))
     plot(results, out / "test_acc.png")
