@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from . import shards, synthetic
-from .errors import DataPrepError
+from .errors import UsageError, cli_main
+from .manifest import read_manifest
 from .prepare import DEFAULT_QUALITY, default_workers, prepare
 from .sources import CACHE_ENV
 
@@ -21,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (the usage block is available with --help)."""
 
     def error(self, message: str):
-        raise DataPrepError(f"{message} (see python -m data_prep {self._command()}--help)")
+        raise UsageError(f"{message} (see python -m data_prep {self._command()}--help)")
 
     def _command(self) -> str:
         words = self.prog.split()[1:]
@@ -103,17 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "prepare")
     try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help: return its status instead of exiting the caller
-            return int(exc.code or 0)
-        return _COMMANDS[args.command](args)
-    except DataPrepError as exc:
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_main("data_prep", lambda: _run(argv))
     except KeyboardInterrupt:
         print("data_prep: interrupted; no output was left behind", file=sys.stderr)
         return 130
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help: return its status instead of exiting the caller
+        return int(exc.code or 0)
+    return _COMMANDS[args.command](args)
 
 
 def _prepare(args) -> int:
@@ -127,7 +129,7 @@ def _prepare(args) -> int:
 
 
 def _verify(args) -> int:
-    manifest = shards.load_manifest(args.out)  # a missing/invalid manifest is a user error (exit 2)
+    manifest = read_manifest(args.out)  # a missing/invalid manifest is a user error (exit 2)
     problems = shards.verify(args.out)
     for problem in problems:
         print(f"data_prep: verify: {problem}", file=sys.stderr)
