@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import random
 import shutil
 import sys
@@ -33,7 +32,7 @@ from .errors import UsageError
 from .fsutil import atomic_output_dir
 from .images import EncodeOptions, Encoded, encode_file
 from .manifest import FORMAT, MANIFEST, read_manifest
-from .options import DEFAULT_QUALITY, PrepareOptions, default_workers  # noqa: F401 (DEFAULT_QUALITY: re-export)
+from .options import PrepareOptions, default_workers
 
 
 

@@ -15,7 +15,7 @@ import braceexpand
 from PIL import Image
 
 from .errors import UsageError
-from .manifest import FORMAT, MANIFEST, file_sha256, read_manifest, shard_path  # noqa: F401 (FORMAT: re-export)
+from .manifest import MANIFEST, file_sha256, read_manifest, shard_path
 # The default shard size aims for at least this many train shards: more shards than
 # ranks x dataloader workers keeps every consumer busy (see docs/data.md, "How many shards").
 MIN_TRAIN_SHARDS = 16
