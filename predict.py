@@ -26,13 +26,10 @@ from pathlib import Path
 
 import torch
 
+from finetune import UsageError, cli_main
 from finetune.data import DeviceNormalizer
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class UsageError(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -41,7 +38,6 @@ class UsageError(Exception):
 def load_model(path: str, device: torch.device):
     """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec). The architecture is
     the one model.pt names (train.py --arch), built without weights, its head sized to the classes."""
-    from finetune import UsageError as ArchError
     from finetune.arch import create, find_head, replace_head
     if not os.path.isfile(path):
         raise UsageError(f"--model {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
@@ -58,7 +54,7 @@ def load_model(path: str, device: torch.device):
     arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
     try:
         model = create(arch)
-    except ArchError as e:
+    except UsageError as e:
         raise UsageError(f"--model {path}: {e}") from None
     replace_head(model, find_head(model), len(classes))
     try:
@@ -177,27 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli_main("predict.py", lambda: label_images(build_parser().parse_args(argv)))
+
+
+def label_images(args) -> int:
     if args.batch_size < 1 or args.top_k < 1:
-        print("predict.py: error: --batch-size and --top-k must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--batch-size and --top-k must be >= 1")
     failures: list[tuple[str, str]] = []
 
     def on_error(path: str, reason: str):
         failures.append((path, reason))
         print(f"predict.py: cannot read {path}: {reason}", file=sys.stderr, flush=True)
 
-    try:
-        device = pick_device(args.device)
-        model, classes, spec = load_model(args.model, device)
-        images, problems = find_images(args.paths)
-        for path, reason in problems:
-            on_error(path, reason)
-        if not images:
-            raise UsageError("no images found in " + " ".join(args.paths))
-    except UsageError as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
+    device = pick_device(args.device)
+    model, classes, spec = load_model(args.model, device)
+    images, problems = find_images(args.paths)
+    for path, reason in problems:
+        on_error(path, reason)
+    if not images:
+        raise UsageError("no images found in " + " ".join(args.paths))
 
     # The run's own normalisation (model.pt records mean/std); channels_last where it pays, on the GPU.
     normalize = DeviceNormalizer(device, device.type == "cuda", mean=spec["mean"], std=spec["std"])

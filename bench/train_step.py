@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune import distributed
+from finetune.checkpoint import PreemptionFlag, TrainState
 from finetune.config import parse_config
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer
 from finetune.loop import train_one_epoch
@@ -83,17 +84,16 @@ class BareLoop:
 class Ours:
     def __init__(self, model, optimizer, cfg, accelerator, normalize):
         self.model, self.opt, self.cfg, self.acc, self.normalize = model, optimizer, cfg, accelerator, normalize
-        self.sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         self.monitor = types.SimpleNamespace(scalars=lambda *a, **k: None)
-        self.preempt = types.SimpleNamespace(requested=False, signal_name=None)
+        self.preempt = PreemptionFlag("")               # no signals: never stops
 
     def run(self, batches, steps: int) -> float:
         it = (batches[i % len(batches)] for i in range(steps * self.cfg.grad_accum))
+        state = TrainState.fresh(self.acc.device)
         sync(self.acc.device)
         t = time.perf_counter()
-        train_one_epoch(self.model, self.opt, it, cfg=self.cfg, accelerator=self.acc, normalize=self.normalize,
-                        monitor=self.monitor, preempt=self.preempt, epoch=0, start=0, steps=steps,
-                        global_step=0, sums=self.sums, on_save=lambda *a: None)
+        train_one_epoch(self.model, self.opt, it, state, steps=steps, cfg=self.cfg, accelerator=self.acc,
+                        normalize=self.normalize, monitor=self.monitor, preempt=self.preempt, checkpointer=None)
         sync(self.acc.device)
         return steps * self.cfg.batch_size / (time.perf_counter() - t)
 
@@ -150,10 +150,7 @@ def main() -> None:
     cfg = parse_config(flags)
     classes = ["hotdog", "not-hotdog"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":   # as train.py
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    distributed.configure_backends(device, debug=False)   # as train.py
     print(machine())
     if args.sweep or args.sweep_only:
         print(f"sweep: batch {args.batch_size}, {args.image_size}px, {args.steps} steps x {args.repeats} repeats")

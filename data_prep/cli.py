@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from . import shards, synthetic
-from .errors import DataPrepError
-from .prepare import DEFAULT_QUALITY, default_workers, prepare
-from .sources import CACHE_ENV
+from .errors import UsageError, cli_main
+from .manifest import read_manifest
+from .options import PrepareOptions, positive_int
+from .prepare import prepare_with
 
 COMMANDS = ("prepare", "verify", "synthetic")
 
@@ -21,21 +22,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (the usage block is available with --help)."""
 
     def error(self, message: str):
-        raise DataPrepError(f"{message} (see python -m data_prep {self._command()}--help)")
+        raise UsageError(f"{message} (see python -m data_prep {self._command()}--help)")
 
     def _command(self) -> str:
         words = self.prog.split()[1:]
         return " ".join(words) + " " if words else ""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,34 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="source images -> OUT/{train,test}-NNNNNN.tar + OUT/manifest.json",
                        description="Decode, check, shuffle and shard a hotdog-style image set.")
-    p.add_argument("--source", required=True,
-                   help="'d2l' (download d2l's hotdog.zip into the cache), a .zip, or a folder: either "
-                        "train/ and test/ with one subfolder per class, or class folders plus --test-fraction")
-    p.add_argument("--out", required=True, help="output folder (created atomically; replaced on rebuild)")
-    p.add_argument("--test-fraction", type=float, metavar="F",
-                   help="for a folder of class folders: put this fraction of each class in test "
-                        "(deterministic: a seeded hash of each file's path)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle/split seed (default: 0)")
-    p.add_argument("--samples-per-shard", type=_positive_int, metavar="N",
-                   help=f"samples per shard (default: train count // {shards.MIN_TRAIN_SHARDS}, so at least "
-                        f"{shards.MIN_TRAIN_SHARDS} train shards, capped at {shards.MAX_SAMPLES_PER_SHARD})")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--max-side", type=_positive_int, metavar="PX",
-                      help="downsize so the longer side is at most PX (re-encodes; never upscales)")
-    size.add_argument("--shorter-side", type=_positive_int, metavar="PX",
-                      help="downsize so the shorter side is at most PX (re-encodes; never upscales)")
-    p.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
-                   help=f"JPEG quality for re-encoded images: non-JPEG, non-RGB or resized (default: {DEFAULT_QUALITY})")
-    p.add_argument("--workers", type=_positive_int, default=default_workers(),
-                   help="decoding processes; the output does not depend on it (default: %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="fail on any corrupt, truncated, zero-byte or non-image file instead of skipping it")
-    p.add_argument("--drop-duplicates", action="store_true",
-                   help="keep one copy of byte-identical images (the test copy for train/test leaks)")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT is up to date")
-    p.add_argument("--cache-dir", help="where --source d2l keeps hotdog.zip "
-                                       f"(default: ${CACHE_ENV} or ~/.cache/hotdog-finetune)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    PrepareOptions.add_arguments(p)
 
     v = sub.add_parser("verify", help="re-read every shard and check it against OUT/manifest.json",
                        description="Check shard sizes, sha256, sample and class counts and decodability.")
@@ -84,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthetic", help="generate a learnable synthetic hotdog set in the d2l layout",
                        description="Seeded, photo-like two-class JPEGs: DIR/{train,test}/{hotdog,not-hotdog}/.")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    s.add_argument("--train-per-class", type=_positive_int, default=synthetic.DEFAULT_TRAIN_PER_CLASS,
+    s.add_argument("--train-per-class", type=positive_int, default=synthetic.DEFAULT_TRAIN_PER_CLASS,
                    help="train images per class (default: %(default)s)")
-    s.add_argument("--test-per-class", type=_positive_int, default=synthetic.DEFAULT_TEST_PER_CLASS,
+    s.add_argument("--test-per-class", type=positive_int, default=synthetic.DEFAULT_TEST_PER_CLASS,
                    help="test images per class (default: %(default)s)")
-    s.add_argument("--min-side", type=_positive_int, default=synthetic.DEFAULT_MIN_SIDE,
+    s.add_argument("--min-side", type=positive_int, default=synthetic.DEFAULT_MIN_SIDE,
                    help="smallest image side in pixels (default: %(default)s)")
-    s.add_argument("--max-side", type=_positive_int, default=synthetic.DEFAULT_MAX_SIDE,
+    s.add_argument("--max-side", type=positive_int, default=synthetic.DEFAULT_MAX_SIDE,
                    help="largest image side in pixels (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     s.add_argument("--force", action="store_true", help="replace DIR if it holds something else")
@@ -103,31 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "prepare")
     try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # --help: return its status instead of exiting the caller
-            return int(exc.code or 0)
-        return _COMMANDS[args.command](args)
-    except DataPrepError as exc:
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_main("data_prep", lambda: _run(argv))
     except KeyboardInterrupt:
         print("data_prep: interrupted; no output was left behind", file=sys.stderr)
         return 130
 
 
+def _run(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help: return its status instead of exiting the caller
+        return int(exc.code or 0)
+    return _COMMANDS[args.command](args)
+
+
 def _prepare(args) -> int:
-    prepare(
-        args.source, args.out, test_fraction=args.test_fraction, seed=args.seed,
-        samples_per_shard=args.samples_per_shard, max_side=args.max_side, shorter_side=args.shorter_side,
-        quality=args.quality, workers=args.workers, strict=args.strict, drop_duplicates=args.drop_duplicates,
-        force=args.force, cache_dir=args.cache_dir, progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    prepare_with(PrepareOptions.from_args(args, progress=args.progress and sys.stderr.isatty()))
     return 0
 
 
 def _verify(args) -> int:
-    manifest = shards.load_manifest(args.out)  # a missing/invalid manifest is a user error (exit 2)
+    manifest = read_manifest(args.out)  # a missing/invalid manifest is a user error (exit 2)
     problems = shards.verify(args.out)
     for problem in problems:
         print(f"data_prep: verify: {problem}", file=sys.stderr)

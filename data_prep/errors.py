@@ -1,12 +1,33 @@
-"""The one exception type for user-facing errors.
+"""The one usage-error type of the whole project, and the one exit-2 path of every entry point.
 
-`data_prep.main` turns a `DataPrepError` into a single `data_prep: error: ...` line on stderr and
-exit status 2; anything else is a bug and keeps its traceback.
+It lives here, in the package at the bottom of the import graph, because both sides of the manifest
+contract raise it: `data_prep` (which must never import `finetune`) and `finetune`, which re-exports it
+as `finetune.UsageError`. Entry points (`train.py`, `predict.py`, `python -m data_prep`,
+`python -m experiments`) wrap their work in `cli_main`, which turns a `UsageError` into one line,
+``PROG: error: ...`` on stderr, and exit status 2; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
 
-class DataPrepError(Exception):
-    """A problem the user can fix (bad flag, missing folder, unreadable input...).
+import sys
+from typing import Callable
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (bad flag, missing file or folder, unreadable input...).
 
     The message must name the file or flag involved and say what to do about it.
     """
+
+
+# The name data_prep's Python API has always exported; the same class, not a second type.
+DataPrepError = UsageError
+
+
+def cli_main(prog: str, fn: Callable[[], int]) -> int:
+    """Run `fn` (an entry point's body); a UsageError becomes `PROG: error: MESSAGE` and exit status 2."""
+    try:
+        return fn()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

@@ -9,23 +9,10 @@ the end. A crash or an error leaves, at worst, a hidden `.NAME.tmp-PID` folder, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
-
-_CHUNK = 1 << 20
-
-
-def file_digests(path: Path, *algorithms: str) -> dict[str, str]:
-    """Hex digests of a file for several algorithms in one streamed pass (zips can be large)."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            for h in hashers.values():
-                h.update(chunk)
-    return {name: h.hexdigest() for name, h in hashers.items()}
 
 
 @contextlib.contextmanager

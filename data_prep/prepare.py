@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import random
 import shutil
 import sys
@@ -29,11 +28,12 @@ from typing import Callable
 from tqdm import tqdm
 
 from . import __version__, shards, sources
-from .errors import DataPrepError
+from .errors import UsageError
 from .fsutil import atomic_output_dir
 from .images import EncodeOptions, Encoded, encode_file
+from .manifest import FORMAT, MANIFEST, read_manifest
+from .options import PrepareOptions, default_workers
 
-DEFAULT_QUALITY = 95
 
 
 @dataclass
@@ -44,79 +44,44 @@ class _Record:
     result: Encoded
 
 
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
+def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] = print, **options) -> dict:
+    """Build ``out/`` from `source` and return the manifest. `options`: the fields of `PrepareOptions`
+    (test_fraction, seed, samples_per_shard, ..., progress; see docs/data.md for each).
 
-
-def prepare(
-    source: str | Path,
-    out: str | Path,
-    *,
-    test_fraction: float | None = None,
-    seed: int = 0,
-    samples_per_shard: int | None = None,
-    max_side: int | None = None,
-    shorter_side: int | None = None,
-    quality: int = DEFAULT_QUALITY,
-    workers: int | None = None,
-    strict: bool = False,
-    drop_duplicates: bool = False,
-    force: bool = False,
-    cache_dir: str | Path | None = None,
-    progress: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Build ``out/`` from `source` and return the manifest (see docs/data.md for every option).
-
-    Raises `DataPrepError` for anything the user has to fix; `out` is then left untouched.
+    Raises `UsageError` for anything the user has to fix; `out` is then left untouched.
     """
-    _check_options(test_fraction, samples_per_shard, max_side, shorter_side, quality, workers)
-    source, out = str(source), Path(out)
-    kind, path = sources.resolve(source, cache_dir, progress)
-    if kind == "dir" and out.resolve().is_relative_to(path.resolve()):
-        raise DataPrepError(f"--out {out} is inside --source {source}; write the shards somewhere else")
-    options = {
-        "source": source,
-        "seed": seed,
-        "samples_per_shard": samples_per_shard,  # None until resolved: "auto" is part of the fingerprint
-        "max_side": max_side,
-        "shorter_side": shorter_side,
-        "quality": quality,
-        "test_fraction": test_fraction,
-        "strict": strict,
-        "drop_duplicates": drop_duplicates,
-    }
-    fingerprint = _fingerprint(sources.fingerprint(kind, path), options)
-    if not force and _up_to_date(out, fingerprint):
-        log(f"data_prep: {out} is up to date (same input and options); pass --force to rebuild")
-        return shards.load_manifest(out)
+    return prepare_with(PrepareOptions(source=str(source), out=Path(out), **options), log)
 
-    encode = EncodeOptions(max_side=max_side, shorter_side=shorter_side, quality=quality)
+
+def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
+    _check_options(opts)
+    source, out = opts.source, Path(opts.out)
+    kind, path = sources.resolve(source, opts.cache_dir, opts.progress)
+    if kind == "dir" and out.resolve().is_relative_to(path.resolve()):
+        raise UsageError(f"--out {out} is inside --source {source}; write the shards somewhere else")
+    options = opts.fingerprint_options()
+    fingerprint = _fingerprint(sources.fingerprint(kind, path), options)
+    if not opts.force and _up_to_date(out, fingerprint):
+        log(f"data_prep: {out} is up to date (same input and options); pass --force to rebuild")
+        return read_manifest(out)
+
+    encode = EncodeOptions(max_side=opts.max_side, shorter_side=opts.shorter_side, quality=opts.quality)
     with atomic_output_dir(out) as tmp:
         root = sources.safe_extract(path, tmp / "_extract") if kind == "zip" else path
-        layout = sources.scan(sources.find_layout_root(root), test_fraction=test_fraction, seed=seed)
-        records = _decode_all(layout.files, encode, workers or default_workers(), progress)
-        skipped = layout.skipped + [
-            {"path": r.file.rel, "reason": r.result.reason} for r in records if r.result.jpg is None
-        ]
-        if strict and skipped:
-            first = skipped[0]
-            raise DataPrepError(
-                f"--strict: {len(skipped)} unusable file(s), first {first['path']}: {first['reason']}; "
-                "fix or remove them, or drop --strict to skip them"
-            )
-        records = [r for r in records if r.result.jpg is not None]
-        duplicates, dropped = _find_duplicates(records, drop_duplicates)
+        layout = sources.scan(sources.find_layout_root(root), test_fraction=opts.test_fraction, seed=opts.seed)
+        records = _decode_all(layout.files, encode, opts.workers or default_workers(), opts.progress)
+        records, skipped = _usable(records, layout.skipped, opts.strict)
+        duplicates, dropped = _find_duplicates(records, opts.drop_duplicates)
         records = [r for r in records if r.file.rel not in dropped]
         _check_not_empty(records, layout.classes, len(skipped))
 
         by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
-        options["samples_per_shard"] = samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+        options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
         manifest = {
-            "format": shards.FORMAT,
+            "format": FORMAT,
             "classes": layout.classes,
             "splits": {
-                split: shards.write_split(tmp, split, _stratified_shuffle(recs, seed, split),
+                split: shards.write_split(tmp, split, _stratified_shuffle(recs, opts.seed, split),
                                           options["samples_per_shard"], len(layout.classes))
                 for split, recs in by_split.items()
             },
@@ -126,7 +91,7 @@ def prepare(
             "fingerprint": fingerprint,
             "created_by": f"data_prep {__version__}",
         }
-        (tmp / shards.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if kind == "zip":
             # The extracted copy is scratch space only; it must not be renamed into OUT.
             shutil.rmtree(tmp / "_extract")
@@ -134,26 +99,38 @@ def prepare(
     return manifest
 
 
-def _check_options(test_fraction, samples_per_shard, max_side, shorter_side, quality, workers) -> None:
-    if test_fraction is not None and not 0 < test_fraction < 1:
-        raise DataPrepError(f"--test-fraction {test_fraction}: must be between 0 and 1 (exclusive), e.g. 0.2")
-    if samples_per_shard is not None and samples_per_shard < 1:
-        raise DataPrepError(f"--samples-per-shard {samples_per_shard}: must be at least 1")
-    if max_side is not None and shorter_side is not None:
-        raise DataPrepError("--max-side and --shorter-side: give at most one of them")
-    for flag, value in (("--max-side", max_side), ("--shorter-side", shorter_side)):
+def _usable(records: list[_Record], skipped: list[dict], strict: bool) -> tuple[list[_Record], list[dict]]:
+    """The decoded records, and every skipped file with its reason (--strict: an error instead)."""
+    skipped = skipped + [{"path": r.file.rel, "reason": r.result.reason} for r in records if r.result.jpg is None]
+    if strict and skipped:
+        first = skipped[0]
+        raise UsageError(
+            f"--strict: {len(skipped)} unusable file(s), first {first['path']}: {first['reason']}; "
+            "fix or remove them, or drop --strict to skip them"
+        )
+    return [r for r in records if r.result.jpg is not None], skipped
+
+
+def _check_options(o: PrepareOptions) -> None:
+    if o.test_fraction is not None and not 0 < o.test_fraction < 1:
+        raise UsageError(f"--test-fraction {o.test_fraction}: must be between 0 and 1 (exclusive), e.g. 0.2")
+    if o.samples_per_shard is not None and o.samples_per_shard < 1:
+        raise UsageError(f"--samples-per-shard {o.samples_per_shard}: must be at least 1")
+    if o.max_side is not None and o.shorter_side is not None:
+        raise UsageError("--max-side and --shorter-side: give at most one of them")
+    for flag, value in (("--max-side", o.max_side), ("--shorter-side", o.shorter_side)):
         if value is not None and value < 8:
-            raise DataPrepError(f"{flag} {value}: must be at least 8 pixels")
-    if not 1 <= quality <= 100:
-        raise DataPrepError(f"--quality {quality}: must be between 1 and 100 (95 keeps nearly all detail)")
-    if workers is not None and workers < 1:
-        raise DataPrepError(f"--workers {workers}: must be at least 1")
+            raise UsageError(f"{flag} {value}: must be at least 8 pixels")
+    if not 1 <= o.quality <= 100:
+        raise UsageError(f"--quality {o.quality}: must be between 1 and 100 (95 keeps nearly all detail)")
+    if o.workers is not None and o.workers < 1:
+        raise UsageError(f"--workers {o.workers}: must be at least 1")
 
 
 def _fingerprint(input_id: str, options: dict) -> str:
     # The source's spelling is left out: the same folder reached by another path is the same input.
     relevant = {k: v for k, v in options.items() if k != "source"}
-    blob = json.dumps({"input": input_id, "options": relevant, "format": shards.FORMAT}, sort_keys=True)
+    blob = json.dumps({"input": input_id, "options": relevant, "format": FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -162,17 +139,17 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
     if not out.exists():
         return False
     if not out.is_dir():
-        raise DataPrepError(f"--out {out}: exists and is not a folder; choose another --out")
-    if not (out / shards.MANIFEST).exists():
+        raise UsageError(f"--out {out}: exists and is not a folder; choose another --out")
+    if not (out / MANIFEST).exists():
         if any(out.iterdir()):
-            raise DataPrepError(
-                f"--out {out}: folder exists, is not empty and has no {shards.MANIFEST}; "
+            raise UsageError(
+                f"--out {out}: folder exists, is not empty and has no {MANIFEST}; "
                 "choose another --out or empty it"
             )
         return False
     try:
-        manifest = shards.load_manifest(out)
-    except DataPrepError:
+        manifest = read_manifest(out)
+    except UsageError:
         return False  # our own damaged output: rebuild it
     return manifest.get("fingerprint") == fingerprint and shards.shards_present(out, manifest)
 
@@ -222,7 +199,7 @@ def _check_not_empty(records: list[_Record], classes: list[str], num_skipped: in
     for split in sources.SPLITS:
         for label, name in enumerate(classes):
             if (split, label) not in present:
-                raise DataPrepError(
+                raise UsageError(
                     f"{split}/{name}: no readable image ({num_skipped} file(s) skipped in total); "
                     "add images to that class folder"
                 )
@@ -261,7 +238,7 @@ def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     if skipped:
         first = skipped[0]
         print(f"data_prep: warning: skipped {len(skipped)} unusable file(s), first {first['path']}: "
-              f"{first['reason']}; all listed under 'skipped' in {shards.MANIFEST}", file=sys.stderr)
+              f"{first['reason']}; all listed under 'skipped' in {MANIFEST}", file=sys.stderr)
     if leaks:
         print(f"data_prep: warning: {leaks} image(s) appear in both train and test (leakage); "
-              f"see 'duplicates' in {shards.MANIFEST}, or pass --drop-duplicates", file=sys.stderr)
+              f"see 'duplicates' in {MANIFEST}, or pass --drop-duplicates", file=sys.stderr)

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import braceexpand
 from PIL import Image
 
-from .errors import DataPrepError
-
-FORMAT = "hotdog-wds/1"
-MANIFEST = "manifest.json"
+from .errors import UsageError
+from .manifest import MANIFEST, file_sha256, read_manifest, shard_path
 # The default shard size aims for at least this many train shards: more shards than
 # ranks x dataloader workers keeps every consumer busy (see docs/data.md, "How many shards").
 MIN_TRAIN_SHARDS = 16
@@ -81,24 +78,11 @@ def _class_counts(labels, num_classes: int) -> list[int]:
     return counts
 
 
-def load_manifest(out: Path) -> dict:
-    path = Path(out) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataPrepError(f"{path}: not found; is {out} the --out folder of a prepare run?") from None
-    except (OSError, ValueError) as exc:
-        raise DataPrepError(f"{path}: unreadable ({exc}); re-run prepare with --force") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataPrepError(f"{path}: not a {FORMAT} manifest; re-run prepare with --force")
-    return manifest
-
-
 def shards_present(out: Path, manifest: dict) -> bool:
     """Cheap check (names and sizes, no hashing) that the shards a manifest lists are on disk."""
     for split in manifest.get("splits", {}).values():
         for shard in split.get("shards", []):
-            path = Path(out) / shard["name"]
+            path = shard_path(out, shard["name"])
             if not path.is_file() or path.stat().st_size != shard["size"]:
                 return False
     return True
@@ -113,7 +97,7 @@ def verify(out: str | Path) -> list[str]:
     """
     out = Path(out)
     try:
-        manifest = load_manifest(out)
+        manifest = read_manifest(out)
         classes = manifest["classes"]
         splits = manifest["splits"]
         problems = []
@@ -122,7 +106,7 @@ def verify(out: str | Path) -> list[str]:
         listed = {s["name"] for split in splits.values() for s in split["shards"]}
         problems += [f"{p.name}: not listed in {MANIFEST}" for p in sorted(out.glob("*.tar")) if p.name not in listed]
         return problems
-    except DataPrepError as exc:
+    except UsageError as exc:
         return [str(exc)]
     except (KeyError, TypeError) as exc:
         return [f"{out / MANIFEST}: malformed, missing or wrong field {exc}"]
@@ -138,14 +122,14 @@ def _verify_split(out: Path, split_name: str, split: dict, num_classes: int) -> 
     seen_keys: set[str] = set()
     totals = [0] * num_classes
     for shard in split["shards"]:
-        path = out / shard["name"]
+        path = shard_path(out, shard["name"])
         if not path.is_file():
             problems.append(f"{shard['name']}: missing")
             continue
-        data = path.read_bytes()
-        if len(data) != shard["size"]:
-            problems.append(f"{shard['name']}: size {len(data)} != {shard['size']} in {MANIFEST}")
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        size = path.stat().st_size
+        if size != shard["size"]:
+            problems.append(f"{shard['name']}: size {size} != {shard['size']} in {MANIFEST}")
+        if file_sha256(path) != shard["sha256"]:
             problems.append(f"{shard['name']}: sha256 does not match {MANIFEST} (modified or corrupt)")
         counts = [0] * num_classes
         try:

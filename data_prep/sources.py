@@ -28,8 +28,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
-from .errors import DataPrepError
-from .fsutil import file_digests
+from .errors import UsageError
+from .manifest import file_digests
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 D2L_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -72,12 +72,12 @@ def resolve(source: str, cache_dir: str | Path | None = None, progress: bool = F
         return "zip", fetch_d2l(Path(cache_dir) if cache_dir else default_cache_dir(), progress=progress)
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataPrepError(f"--source {source}: no such file or directory; pass d2l, a .zip or a folder")
+        raise UsageError(f"--source {source}: no such file or directory; pass d2l, a .zip or a folder")
     if path.is_dir():
         return "dir", path
     if zipfile.is_zipfile(path):
         return "zip", path
-    raise DataPrepError(f"--source {source}: not a folder and not a valid zip file")
+    raise UsageError(f"--source {source}: not a folder and not a valid zip file")
 
 
 def fetch_d2l(cache_dir: Path, *, progress: bool = False) -> Path:
@@ -106,11 +106,11 @@ def fetch_d2l(cache_dir: Path, *, progress: bool = False) -> Path:
     except (OSError, ValueError) as exc:  # URLError, timeouts and refused connections are OSErrors
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
-        raise DataPrepError(f"could not download hotdog.zip ({reason}); {by_hand}") from None
+        raise UsageError(f"could not download hotdog.zip ({reason}); {by_hand}") from None
     sha1 = file_digests(part, "sha1")["sha1"]
     if sha1 != D2L_SHA1:
         part.unlink()
-        raise DataPrepError(f"downloaded hotdog.zip has sha1 {sha1}, expected {D2L_SHA1}; {by_hand}")
+        raise UsageError(f"downloaded hotdog.zip has sha1 {sha1}, expected {D2L_SHA1}; {by_hand}")
     part.rename(target)
     return target
 
@@ -149,7 +149,7 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
             for info in members:
                 why = _unsafe_member(info, root)
                 if why:
-                    raise DataPrepError(
+                    raise UsageError(
                         f"{zip_path}: refusing to extract member {info.filename!r}: {why} (zip-slip); "
                         "the archive is unsafe, get a clean copy"
                     )
@@ -162,7 +162,7 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise DataPrepError(f"{zip_path}: corrupt zip file ({exc}); download it again") from None
+        raise UsageError(f"{zip_path}: corrupt zip file ({exc}); download it again") from None
     return dest
 
 
@@ -217,16 +217,16 @@ def scan(root: Path, *, test_fraction: float | None, seed: int) -> Layout:
     if any(has.values()):
         if not all(has.values()):
             missing = [s for s in SPLITS if not has[s]][0]
-            raise DataPrepError(
+            raise UsageError(
                 f"{root / missing}: missing folder; a d2l-layout source needs both train/ and test/"
             )
         if test_fraction is not None:
-            raise DataPrepError(
+            raise UsageError(
                 f"--test-fraction: {root} already has train/ and test/; drop the flag or pass a folder of class folders"
             )
         return _scan_split_layout(root)
     if test_fraction is None:
-        raise DataPrepError(
+        raise UsageError(
             f"--source {root}: no train/ and test/ folders; pass --test-fraction F to split its class folders"
         )
     return _scan_class_folders(root, test_fraction, seed)
@@ -235,7 +235,7 @@ def scan(root: Path, *, test_fraction: float | None, seed: int) -> Layout:
 def _class_names(folder: Path, what: str) -> list[str]:
     names = [p.name for p in _class_dirs(folder)]
     if len(names) < 2:
-        raise DataPrepError(f"{folder}: found {len(names)} class folder(s) ({what}); need at least two, one per class")
+        raise UsageError(f"{folder}: found {len(names)} class folder(s) ({what}); need at least two, one per class")
     return names
 
 
@@ -251,7 +251,7 @@ def _scan_split_layout(root: Path) -> Layout:
     classes = _class_names(root / "train", "train/")
     test_classes = [p.name for p in _class_dirs(root / "test")]
     if test_classes != classes:
-        raise DataPrepError(
+        raise UsageError(
             f"{root}: train/test class mismatch: train/ has {classes}, test/ has {test_classes}; "
             "give both splits the same class folders"
         )

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import DataPrepError
+from .errors import UsageError
 from .fsutil import atomic_output_dir
 
 CLASSES = ("hotdog", "not-hotdog")
@@ -58,9 +58,9 @@ def make_synthetic(
     """
     out = Path(out)
     if train_per_class < 1 or test_per_class < 1:
-        raise DataPrepError("--train-per-class and --test-per-class must be at least 1")
+        raise UsageError("--train-per-class and --test-per-class must be at least 1")
     if not 16 <= min_side <= max_side:
-        raise DataPrepError(
+        raise UsageError(
             f"--min-side {min_side} / --max-side {max_side}: need 16 <= min-side <= max-side"
         )
     params = {
@@ -75,7 +75,7 @@ def make_synthetic(
         if _read_marker(out) == params:
             return out
         if not out.is_dir() or any(out.iterdir()):
-            raise DataPrepError(
+            raise UsageError(
                 f"{out} already exists and was not made by `synthetic` with these arguments; "
                 "choose another --out or pass --force to replace it"
             )

@@ -15,7 +15,10 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from finetune import UsageError, cli_main
 
 from . import plan, report
 from .run import launcher_argv, prepare_out, run_variant, summarize_metrics
@@ -63,16 +66,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass
+class Plan:
+    """Everything `compare` decided before any run starts."""
+    data: str
+    out: Path
+    manifest: object            # finetune.data.Manifest
+    weights: plan.Weights
+    variants: list[plan.Variant]
+    argvs: dict[str, list[str]]  # variant name -> its full command line
+    seeds: list[int]
+
+
 def compare(args, train_args: list[str], argv: list[str]) -> int:
-    from finetune import UsageError
+    p = make_plan(args, train_args)
+    print_plan(p)
+    if args.dry_run:
+        return 0
+    prepare_out(p.out, p.variants, args.overwrite)
+    results = dict(command="python -m experiments " + shlex.join(argv), data=p.data, out=str(p.out),
+                   classes=", ".join(p.manifest.classes), pretrained=args.pretrained,
+                   weights_value=p.weights.value, weights_source=p.weights.source, weights_note=p.weights.note,
+                   seed=p.seeds[0], seeds=p.seeds, train_args=train_args, launcher=args.launcher, machine=_machine(),
+                   started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
+    interrupted = run_all(p, results["variants"], results, quiet=args.quiet)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.write_all(results, p.out)
+    return finish(p, results["variants"], interrupted)
+
+
+def make_plan(args, train_args: list[str]) -> Plan:
+    """Every check that can fail before a run starts: shards, flags, weights, variants, launcher."""
     from finetune.data import load_manifest
 
     data = os.path.abspath(args.data)
     out = Path(args.out).absolute()
-    try:
-        manifest = load_manifest(data)
-    except UsageError as e:
-        raise plan.PlanError(str(e)) from None
+    manifest = load_manifest(data)
     plan.check_train_args(train_args)
     weights = plan.resolve_weights(args.pretrained, plan.train_arch(train_args))
     groups = list(plan.GROUPS) if args.variants.strip() == "all" else \
@@ -83,61 +112,65 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
     common = ["--data", data, *train_args]
     launch = launcher_argv(args.launcher)
     if shutil.which(launch[0]) is None:
-        raise plan.PlanError(f"--launcher {args.launcher}: {launch[0]} not found (is it installed / on PATH?)")
+        raise UsageError(f"--launcher {args.launcher}: {launch[0]} not found (is it installed / on PATH?)")
     argvs = {v.name: launch + common + ["--output-dir", str(out / v.name)] + v.flags for v in variants}
     plan.check_variant_configs(variants, common + ["--output-dir", str(out)])
+    return Plan(data, out, manifest, weights, variants, argvs, seeds)
 
-    if weights.note:
-        print(f"experiments: NOTE: {weights.note}", flush=True)
-    print(f"experiments: {len([v for v in variants if not v.skip])} run(s) on {data} "
-          f"({manifest.train.num_samples} train / {manifest.test.num_samples} test images), seed(s) {','.join(map(str, seeds))}, "
-          f"output {out}", flush=True)
-    for v in variants:
-        print(f"  {v.name:<16} " + (f"SKIPPED: {v.skip}" if v.skip else shlex.join(argvs[v.name])), flush=True)
-    if args.dry_run:
-        return 0
-    prepare_out(out, variants, args.overwrite)
 
-    results = dict(command="python -m experiments " + shlex.join(argv), data=data, out=str(out),
-                   classes=", ".join(manifest.classes), pretrained=args.pretrained, weights_value=weights.value,
-                   weights_source=weights.source, weights_note=weights.note, seed=seeds[0], seeds=seeds,
-                   train_args=train_args, launcher=args.launcher, machine=_machine(),
-                   started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
-    rows = results["variants"]
-    # A TERM to the runner (Slurm time limit, kill) is handled like Ctrl-C: the running train.py gets TERM
-    # too (it checkpoints and exits 75), and the results so far are written.
+def print_plan(p: Plan) -> None:
+    if p.weights.note:
+        print(f"experiments: NOTE: {p.weights.note}", flush=True)
+    print(f"experiments: {len([v for v in p.variants if not v.skip])} run(s) on {p.data} "
+          f"({p.manifest.train.num_samples} train / {p.manifest.test.num_samples} test images), seed(s) "
+          f"{','.join(map(str, p.seeds))}, "
+          f"output {p.out}", flush=True)
+    for v in p.variants:
+        print(f"  {v.name:<16} " + (f"SKIPPED: {v.skip}" if v.skip else shlex.join(p.argvs[v.name])), flush=True)
+
+
+def run_all(p: Plan, rows: list[dict], results: dict, *, quiet: bool) -> bool:
+    """Run the variants one after the other, appending their rows and rewriting the results after each.
+    Returns True when interrupted (Ctrl-C, or TERM: the running train.py gets TERM too, checkpoints and
+    exits 75, and the rows so far are kept)."""
     old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     pending = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags, **v.extra,
                     **(dict(status="skipped", reason=v.skip) if v.skip else dict(status="not run", reason="not reached")))
-               for v in variants]
-    interrupted = False
-    for i, v in enumerate(variants):
-        print(f"experiments: [{i + 1}/{len(variants)}] {v.name}" + (f": skipped ({v.skip})" if v.skip else ""),
-              flush=True)
-        try:
-            row = run_variant(v, argvs[v.name], out, quiet=args.quiet)
-        except KeyboardInterrupt:
-            rows.append(dict(pending[i], status="failed", reason="interrupted", run_dir=str(out / v.name),
-                             **summarize_metrics(out / v.name)))
-            rows.extend(p if p["status"] == "skipped" else dict(p, reason="interrupted") for p in pending[i + 1:])
-            interrupted = True
-            break
-        rows.append(row)
-        if row["status"] == "ok":
-            print(f"experiments: {v.name}: final test acc {row['final_test_acc']:.3f}, best "
-                  f"{row['best_test_acc']:.3f} (epoch {row['best_epoch']}), {row['duration_s']:.0f} s", flush=True)
-        elif row["status"] == "failed":
-            print(f"experiments: {v.name} FAILED ({row['reason']}); log: {row['log']}", flush=True)
-        report.write_all(dict(results, variants=rows + pending[i + 1:]), out)
-    signal.signal(signal.SIGTERM, old_term)
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    report.write_all(results, out)
+               for v in p.variants]
+    try:
+        for i, v in enumerate(p.variants):
+            print(f"experiments: [{i + 1}/{len(p.variants)}] {v.name}" + (f": skipped ({v.skip})" if v.skip else ""),
+                  flush=True)
+            try:
+                row = run_variant(v, p.argvs[v.name], p.out, quiet=quiet)
+            except KeyboardInterrupt:
+                rows.append(dict(pending[i], status="failed", reason="interrupted", run_dir=str(p.out / v.name),
+                                 **summarize_metrics(p.out / v.name)))
+                rows.extend(x if x["status"] == "skipped" else dict(x, reason="interrupted") for x in pending[i + 1:])
+                return True
+            rows.append(row)
+            _print_row(v.name, row)
+            report.write_all(dict(results, variants=rows + pending[i + 1:]), p.out)
+        return False
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
 
+
+def _print_row(name: str, row: dict) -> None:
+    if row["status"] == "ok":
+        print(f"experiments: {name}: final test acc {row['final_test_acc']:.3f}, best "
+              f"{row['best_test_acc']:.3f} (epoch {row['best_epoch']}), {row['duration_s']:.0f} s", flush=True)
+    elif row["status"] == "failed":
+        print(f"experiments: {name} FAILED ({row['reason']}); log: {row['log']}", flush=True)
+
+
+def finish(p: Plan, rows: list[dict], interrupted: bool) -> int:
+    """Where the results are, and the exit code: 130 interrupted, 1 some variant failed, else 0."""
     failed = [r["name"] for r in rows if r["status"] == "failed"]
-    print(f"experiments: table {out / 'results.md'}, plot {out / 'test_acc.png'}, "
-          f"TensorBoard: tensorboard --logdir {out}", flush=True)
-    if weights.note:
-        print(f"experiments: NOTE: {weights.note}", flush=True)
+    print(f"experiments: table {p.out / 'results.md'}, plot {p.out / 'test_acc.png'}, "
+          f"TensorBoard: tensorboard --logdir {p.out}", flush=True)
+    if p.weights.note:
+        print(f"experiments: NOTE: {p.weights.note}", flush=True)
     if interrupted:
         print("experiments: interrupted; results so far are written", file=sys.stderr)
         return 130
@@ -153,7 +186,7 @@ def rerender(args) -> int:
     try:
         results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError) as e:
-        raise plan.PlanError(f"{out / 'results.json'}: cannot read it ({e})") from None
+        raise UsageError(f"{out / 'results.json'}: cannot read it ({e})") from None
     for row in results["variants"]:
         if row["status"] in ("ok", "failed") and row.get("run_dir"):
             row.update(summarize_metrics(Path(row["run_dir"])))
@@ -166,10 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(own)
-    try:
-        if args.command == "compare":
-            return compare(args, train_args, argv)
-        return rerender(args)
-    except plan.PlanError as e:
-        print(f"experiments: error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "compare":
+        return cli_main("experiments", lambda: compare(args, train_args, argv))
+    return cli_main("experiments", lambda: rerender(args))

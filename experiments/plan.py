@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import UsageError
+
 from . import NO_WEIGHTS
 
 # Variant groups, in run order. `lr` and `scratch-lr` expand to one run per learning rate.
@@ -24,10 +26,6 @@ DEFAULT_SCRATCH_LRS = "1e-4,1e-3,5e-3"       # scratch itself is the 5e-4 point
 # Flags the runner sets itself: the same for every variant, or per variant.
 RESERVED = {"data": "--data", "output_dir": "--out", "name": "--out", "pretrained": "--pretrained",
             "seed": "--seed", "resume": "(compare starts every run fresh)"}
-
-
-class PlanError(Exception):
-    """A usage mistake found before any run starts: one line, exit code 2."""
 
 
 @dataclass
@@ -62,11 +60,11 @@ def _offline_imagenet(arch: str) -> str | None:
 
 
 def load_weights(arg: str, arch: str) -> Weights:
-    from finetune import UsageError, arch as archs, weights as W
+    from finetune import arch as archs, weights as W
     try:
         sd, source = W.resolve(arch, "imagenet" if arg in ("auto", "imagenet") else os.path.abspath(arg))
     except UsageError as e:
-        raise PlanError(f"--pretrained {arg}: {e}") from None
+        raise UsageError(f"--pretrained {arg}: {e}") from None
     head = archs.find_head(archs.create(arch)) + ".weight"
     rows = sd[head].shape[0] if head in sd and sd[head].ndim == 2 else 0
     value = "imagenet" if arg in ("auto", "imagenet") else os.path.abspath(arg)
@@ -97,9 +95,9 @@ def parse_floats(text: str, option: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise PlanError(f"{option} {text}: expected comma-separated numbers, e.g. 1e-4,5e-4") from None
+        raise UsageError(f"{option} {text}: expected comma-separated numbers, e.g. 1e-4,5e-4") from None
     if not values or any(not v > 0 for v in values):
-        raise PlanError(f"{option} {text}: expected positive learning rates")
+        raise UsageError(f"{option} {text}: expected positive learning rates")
     return values
 
 
@@ -116,12 +114,12 @@ def check_train_args(train_args: list[str]) -> None:
             known, unknown = parser.parse_known_args(train_args)
     except SystemExit:
         last = (err.getvalue().strip().splitlines() or ["invalid flags"])[-1]
-        raise PlanError(f"after '--': {last}") from None
+        raise UsageError(f"after '--': {last}") from None
     if unknown:
-        raise PlanError(f"not a train.py flag: {' '.join(unknown)} (see python train.py --help)")
+        raise UsageError(f"not a train.py flag: {' '.join(unknown)} (see python train.py --help)")
     clash = [f"{k.replace('_', '-')} (use compare's {RESERVED[k]})" for k in vars(known) if k in RESERVED]
     if clash:
-        raise PlanError(f"set by the runner, not after '--': --{', --'.join(clash)}")
+        raise UsageError(f"set by the runner, not after '--': --{', --'.join(clash)}")
 
 
 def train_arch(train_args: list[str]) -> str:
@@ -135,7 +133,7 @@ def build_variants(groups: list[str], weights: Weights, lrs: list[float],
                    scratch_lrs: list[float]) -> list[Variant]:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
-        raise PlanError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(GROUPS)} or 'all'")
+        raise UsageError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(GROUPS)} or 'all'")
     pre = ["--pretrained", weights.value]
     random_note = " [random init: no weights]" if weights.value == "none" else ""
     out: list[Variant] = []
@@ -168,7 +166,7 @@ def build_variants(groups: list[str], weights: Weights, lrs: list[float],
     names = [v.name for v in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise PlanError(f"the same run twice: {', '.join(dupes)} (check --lrs / --scratch-lrs)")
+        raise UsageError(f"the same run twice: {', '.join(dupes)} (check --lrs / --scratch-lrs)")
     return out
 
 
@@ -188,9 +186,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise PlanError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
+        raise UsageError(f"--seeds {text}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise PlanError(f"--seeds {text}: expected distinct integers, e.g. 0,1,2")
+        raise UsageError(f"--seeds {text}: expected distinct integers, e.g. 0,1,2")
     return seeds
 
 
@@ -209,4 +207,4 @@ def check_variant_configs(variants: list[Variant], common: list[str]) -> None:
                 parse_config(common + v.flags)
         except SystemExit:
             last = (err.getvalue().strip().splitlines() or ["invalid flags"])[-1]
-            raise PlanError(f"variant {v.name}: {last}") from None
+            raise UsageError(f"variant {v.name}: {last}") from None

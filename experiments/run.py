@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune import UsageError
+
 from .plan import Variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,14 +118,13 @@ def run_variant(v: Variant, argv: list[str], out: Path, *, quiet: bool, env: dic
 
 def prepare_out(out: Path, variants: list[Variant], overwrite: bool) -> None:
     """Refuse to mix a new comparison into old run directories unless --overwrite; then clear them."""
-    from .plan import PlanError
     existing = [out / v.name for v in variants if (out / v.name).exists()]
     if existing and not overwrite:
-        raise PlanError(f"{existing[0]} already exists (and {len(existing) - 1} more): pass --overwrite to "
+        raise UsageError(f"{existing[0]} already exists (and {len(existing) - 1} more): pass --overwrite to "
                         f"replace these runs, or choose another --out")
     for path in existing:
         if not path.is_dir() or (not looks_like_run_dir(path) and any(path.iterdir())):
-            raise PlanError(f"{path} is not a train.py run directory; not removing it")
+            raise UsageError(f"{path} is not a train.py run directory; not removing it")
     for path in existing:
         shutil.rmtree(path)
     out.mkdir(parents=True, exist_ok=True)

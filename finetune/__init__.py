@@ -3,6 +3,10 @@
 import os
 from pathlib import Path
 
+# The project's one usage-error type and exit-2 path live in data_prep (which must not import finetune);
+# the library re-exports them so its users need only `from finetune import UsageError, cli_main`.
+from data_prep.errors import UsageError, cli_main
+
 __version__ = "0.1.0"
 
 
@@ -13,9 +17,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class UsageError(Exception):
-    """A mistake the user can fix (bad flag, missing file): reported as one line, exit code 2."""
-
+__all__ = ["EXIT_PREEMPTED", "UsageError", "atomic_write_text", "cli_main"]
 
 # Exit code of a run that was asked to stop (preemption signal) and saved a checkpoint to resume from.
 # 75 is EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- slurm/finetune.sh requeues on it.

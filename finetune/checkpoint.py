@@ -1,5 +1,6 @@
-"""Checkpoints: atomic save (temporary file, then rename), keep the last k plus the best, resume from the
-newest complete one, and the preemption flag that signal handlers raise."""
+"""Checkpoints: where training stands (`TrainState`), the `Checkpointer` that owns saving and resuming
+(atomic save, keep the last k plus the best, resume from the newest complete one), and the preemption flag
+that signal handlers raise."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import random
 import re
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import UsageError
+from . import UsageError, distributed
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -29,9 +31,106 @@ class PreemptionFlag:
                 raise UsageError(f"--preempt-signals: unknown signal '{name}'")
             signal.signal(sig, self._handler)
 
+        self.stopping = False       # set by stop_now(): every rank agreed to stop
+
     def _handler(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def stop_now(self, device: torch.device) -> bool:
+        """True on every rank if any rank was asked to stop (one tiny all-reduce); remembered in .stopping."""
+        self.stopping = self.stopping or distributed.any_rank(self.requested, device)
+        return self.stopping
+
+
+# ------------------------------------------------------------------------------------------------------
+# Where training stands
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything about the progress of a run that a checkpoint must carry (the Checkpointer adds the
+    model, optimizer, scaler and RNG states). The loop advances it step by step; `end_epoch` closes an epoch."""
+    sums: torch.Tensor              # this rank's [loss sum, correct, samples] of the current epoch so far
+    epoch: int = 0                  # the epoch being trained (0-based; == cfg.epochs when done)
+    step_in_epoch: int = 0          # optimizer steps of `epoch` already done
+    global_step: int = 0            # optimizer steps done in the whole run
+    history: list = field(default_factory=list)   # one record per finished epoch (metrics.json "epochs")
+    best_acc: float = -1.0          # the best test accuracy so far (best.pt)
+
+    @classmethod
+    def fresh(cls, device: torch.device) -> TrainState:
+        return cls(torch.zeros(3, dtype=torch.float64, device=device))
+
+    def to_checkpoint(self) -> dict:
+        """The checkpoint's fields of this state (train_sums, one list per rank, is added by the Checkpointer)."""
+        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.global_step,
+                    metrics=self.history, best_acc=self.best_acc)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, rank: int, world: int, device: torch.device) -> TrainState:
+        state = cls.fresh(device)
+        state.epoch, state.step_in_epoch, state.global_step = saved["epoch"], saved["step_in_epoch"], saved["step"]
+        state.history, state.best_acc = saved["metrics"], saved["best_acc"]
+        # Mid-epoch, this rank's sums go on from where they were (only if the ranks are the same ones).
+        if state.step_in_epoch and len(saved["train_sums"]) == world:
+            state.sums += torch.tensor(saved["train_sums"][rank], dtype=torch.float64, device=device)
+        return state
+
+    def end_epoch(self, record: dict) -> bool:
+        """Record a finished epoch and move to the next one. Returns True if its test accuracy is the best."""
+        self.history.append(record)
+        is_best = record["test_acc"] > self.best_acc
+        self.best_acc = max(self.best_acc, record["test_acc"])
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.sums.zero_()
+        return is_best
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Checkpointer: the loop calls save(state); train.py calls restore() once
+# ------------------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Owns what a checkpoint holds (the plain model, the optimizer, the scaler, every rank's RNG and sums,
+    the config), where it goes (`directory`), how many are kept (`keep_last`) and best.pt.
+    save() and restore() are collective: every rank calls them; only the main process writes."""
+
+    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict):
+        self.accelerator, self.optimizer = accelerator, optimizer
+        self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
+        self.directory, self.keep_last, self.config = Path(directory), keep_last, config
+
+    def save(self, state: TrainState, is_best: bool = False) -> None:
+        acc, world = self.accelerator, self.accelerator.num_processes
+        rngs = distributed.gather(rng_state(), world)
+        train_sums = distributed.gather(state.sums.tolist(), world)
+        if acc.is_main_process:
+            save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                      scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                      rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
+                      world_size=world), self.directory, self.keep_last, is_best)
+        acc.wait_for_everyone()
+
+    def restore(self, resume: str, log=print) -> TrainState:
+        """--resume '' (start afresh, refused if the directory already holds checkpoints), auto or PATH:
+        load model, optimizer, scaler and this rank's RNG; return where training stands."""
+        acc, world, rank = self.accelerator, self.accelerator.num_processes, self.accelerator.process_index
+        if not resume and any(self.directory.glob("ckpt-*.pt")):
+            raise UsageError(f"{self.directory.parent} already holds checkpoints of an earlier run: pass --resume "
+                             f"auto to continue it, or choose another --output-dir / --name")
+        saved = find_resume(resume, self.directory, log=log)
+        if saved is None:
+            return TrainState.fresh(acc.device)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if acc.scaler is not None and saved.get("scaler"):
+            acc.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"][rank % len(saved["rng"])])
+        state = TrainState.from_checkpoint(saved, rank, world, acc.device)
+        log(f"resumed from step {state.global_step} (epoch {state.epoch + 1}, step {state.step_in_epoch})")
+        if saved["world_size"] != world:
+            log(f"note: the checkpoint was written by {saved['world_size']} processes, this run has "
+                f"{world}: training goes on, but the data order differs from an uninterrupted run")
+        return state
 
 
 # ------------------------------------------------------------------------------------------------------

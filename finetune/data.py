@@ -15,9 +15,7 @@ Design, in brief:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import os
 import random
@@ -31,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from . import UsageError
+from data_prep.manifest import file_sha256, read_manifest, shard_path
 
 from .arch import IMAGENET_MEAN, IMAGENET_STD
 
@@ -61,27 +59,17 @@ class Manifest:
 
 
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:
+    """The shard folder's manifest, read and checked by data_prep's own reader (format, classes, counts,
+    shard names: never a path outside `data_dir` or a URL webdataset would open, such as pipe:)."""
     root = Path(data_dir)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise UsageError(f"--data {data_dir}: no manifest.json there; create shards with "
-                         f"`python -m data_prep --source DIR --out {data_dir}`")
-    try:
-        raw = json.loads(path.read_text())
-        classes = list(raw["classes"])
-        splits = {}
-        for name in ("train", "test"):
-            s = raw["splits"][name]
-            shards = [dict(name=x["name"], num_samples=int(x["num_samples"]), size=int(x["size"]),
-                           sha256=x["sha256"]) for x in s["shards"]]
-            splits[name] = Split(name, int(s["num_samples"]), shards, [str(root / x["name"]) for x in shards])
-            if sum(x["num_samples"] for x in shards) != splits[name].num_samples:
-                raise ValueError(f"{name}: shard counts do not add up to num_samples")
-    except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); re-run data_prep")
-    if len(classes) < 2:
-        raise UsageError(f"{path}: needs at least two classes, found {classes}")
-    return Manifest(root, classes, splits["train"], splits["test"])
+    raw = read_manifest(root)
+    splits = {}
+    for name in ("train", "test"):
+        s = raw["splits"][name]
+        shards = [dict(name=x["name"], num_samples=int(x["num_samples"]), size=int(x["size"]),
+                       sha256=x["sha256"]) for x in s["shards"]]
+        splits[name] = Split(name, int(s["num_samples"]), shards, [str(shard_path(root, x["name"])) for x in shards])
+    return Manifest(root, list(raw["classes"]), splits["train"], splits["test"])
 
 
 def check_shards(manifest: Manifest, hash_limit_bytes: int = 1 << 30) -> str | None:
@@ -96,11 +84,7 @@ def check_shards(manifest: Manifest, hash_limit_bytes: int = 1 << 30) -> str | N
                     f"replaced; re-run data_prep (python -m data_prep verify {manifest.root} shows all problems)")
     if sum(s["size"] for s, _ in shards) <= hash_limit_bytes:
         for shard, url in shards:
-            h = hashlib.sha256()
-            with open(url, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != shard["sha256"]:
+            if file_sha256(url) != shard["sha256"]:
                 return f"shard {url} fails its sha256 check: damaged; re-run data_prep"
     return None
 
@@ -357,7 +341,8 @@ class TrainStream(IterableDataset):
 
 class EvalStream(IterableDataset):
     """Each test sample exactly once over all ranks: rank r takes global indices g with g % world == r
-    (and g < limit); within a rank, workers take disjoint shards. Yields (images, labels, count)."""
+    (and g < limit); within a rank, workers take disjoint shards. Yields (uint8 images, labels) batches of
+    `batch`, the last one possibly smaller; the caller counts samples and checks the total."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, batch: int, preprocess: dict, limit: int):
         self.split, self.rank, self.world_size = split, rank, world_size

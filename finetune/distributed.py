@@ -103,7 +103,7 @@ def describe(accelerator: Accelerator, run_dir: Path) -> dict:
               device=str(accelerator.device), pid=os.getpid(),
               cpus=len(os.sched_getaffinity(0)))        # the CPUs this process may run on (Slurm binding)
     write_rank_file(run_dir, me)
-    everyone = gather_object([me]) if accelerator.num_processes > 1 else [me]
+    everyone = gather(me, accelerator.num_processes)
     return dict(me=me, world_size=accelerator.num_processes,
                 nodes=len({(r["hostname"], r["node_rank"]) for r in everyone}),
                 devices=[r["device"] for r in everyone],
@@ -129,10 +129,15 @@ def param_digest(model: torch.nn.Module) -> str:
 
 def agree(accelerator: Accelerator, problem: str | None) -> None:
     """Raise the same UsageError on every rank if any rank found a problem (so none is left waiting)."""
-    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
+    problems = gather(problem, accelerator.num_processes)
     found = [p for p in problems if p]
     if found:
         raise UsageError(found[0])
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] without a process group."""
+    return gather_object([obj]) if world > 1 else [obj]
 
 
 def all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
@@ -160,3 +165,16 @@ def collective_failure(exc: BaseException) -> str | None:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on at least one (used to agree on stopping at a step boundary)."""
     return all_reduce([1.0 if flag else 0.0], device, op=dist.ReduceOp.MAX)[0] > 0
+
+
+def configure_backends(device: torch.device, debug: bool) -> None:
+    """Numerics switches, in one place for train.py and the benchmarks. On CUDA: TF32 matmuls and
+    convolutions, and cudnn autotuning (input sizes are fixed, so it tunes once) -- except under --debug,
+    where autotuning stays off because the kernels it picks may differ from run to run."""
+    if debug:
+        torch.autograd.set_detect_anomaly(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not debug
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

