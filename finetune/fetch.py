@@ -75,12 +75,12 @@ def fetch_hotdog(cache: Path, mirror: str | None) -> str:
 
 
 def write_sums(cache: Path) -> Path:
-    from data_prep.fsutil import file_digests
+    from data_prep.manifest import file_sha256
 
     from . import atomic_write_text
     files = sorted(p for p in cache.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "SHA256SUMS"
                    and ".lock" not in p.name and ".incomplete" not in p.name)
-    lines = [f"{file_digests(p, 'sha256')['sha256']}  {p.relative_to(cache)}\n" for p in files]
+    lines = [f"{file_sha256(p)}  {p.relative_to(cache)}\n" for p in files]
     atomic_write_text(cache / "SHA256SUMS", "".join(lines))
     return cache / "SHA256SUMS"
 

