@@ -48,6 +48,8 @@ def run(cfg: Config) -> int:
                                 cfg.to_dict())
     state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
+        job.monitor.close()
+        job.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
     finish(job, checkpointer.model, state, weights)
     return 0
@@ -191,10 +193,10 @@ def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpo
             monitor.print(f"{preempt.signal_name or 'a preemption signal'} received: checkpoint saved at step "
                           f"{state.global_step}; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
             return EXIT_PREEMPTED
-        ev = evaluate(checkpointer.model, data.eval_loader, accelerator=acc, normalize=normalize)
-        if ev["test_samples"] != data.expected_test:
-            raise RuntimeError(f"evaluated {ev['test_samples']} test samples, expected {data.expected_test}")
+        ev = evaluate_all_ranks_alike(job, checkpointer.model, data, normalize)
         record = dict(epoch=state.epoch + 1, step=state.global_step, **metrics, **ev)
+        if (peak := distributed.peak_gpu_memory_gib(acc.device)) is not None:
+            record["peak_gpu_mem_gib"] = peak
         is_best = state.end_epoch(record)
         monitor.epoch_end(record, optimizer, state.global_step, job.who["devices"])
         monitor.write_metrics(dict(epochs=state.history, world_size=job.world, weights=weights))
@@ -204,6 +206,17 @@ def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpo
                           f"with {EXIT_PREEMPTED}")
             return EXIT_PREEMPTED
     return 0
+
+
+def evaluate_all_ranks_alike(job: Job, plain_model: torch.nn.Module, data: Data, normalize) -> dict:
+    """Every rank evaluates (and later saves) rank 0's model: its BatchNorm statistics first, then the
+    exact-once pass over the test set, with a patient timeout (a first evaluation may compile)."""
+    distributed.sync_buffers(plain_model, job.world)
+    with distributed.patient():
+        ev = evaluate(plain_model, data.eval_loader, accelerator=job.accelerator, normalize=normalize)
+    if ev["test_samples"] != data.expected_test:
+        raise RuntimeError(f"evaluated {ev['test_samples']} test samples, expected {data.expected_test}")
+    return ev
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -222,7 +235,8 @@ def finish(job: Job, plain_model: torch.nn.Module, state: TrainState, weights: s
                          weights=weights, test_acc=final.get("test_acc")),
                     run_dir / "model.pt")
     distributed.write_rank_file(run_dir, {**job.who["me"],
-                                          "final_param_sha256": distributed.param_digest(plain_model)})
+                                          "final_param_sha256": distributed.param_digest(plain_model),
+                                          "final_buffer_sha256": distributed.buffer_digest(plain_model)})
     monitor.close()
     monitor.print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
     job.accelerator.end_training()

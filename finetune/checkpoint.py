@@ -56,6 +56,7 @@ class TrainState:
     global_step: int = 0            # optimizer steps done in the whole run
     history: list = field(default_factory=list)   # one record per finished epoch (metrics.json "epochs")
     best_acc: float = -1.0          # the best test accuracy so far (best.pt)
+    skipped_steps: int = 0          # fp16 steps GradScaler skipped (overflow): global_step - these = updates
 
     @classmethod
     def fresh(cls, device: torch.device) -> TrainState:
@@ -64,13 +65,14 @@ class TrainState:
     def to_checkpoint(self) -> dict:
         """The checkpoint's fields of this state (train_sums, one list per rank, is added by the Checkpointer)."""
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.global_step,
-                    metrics=self.history, best_acc=self.best_acc)
+                    metrics=self.history, best_acc=self.best_acc, skipped_steps=self.skipped_steps)
 
     @classmethod
     def from_checkpoint(cls, saved: dict, rank: int, world: int, device: torch.device) -> TrainState:
         state = cls.fresh(device)
         state.epoch, state.step_in_epoch, state.global_step = saved["epoch"], saved["step_in_epoch"], saved["step"]
         state.history, state.best_acc = saved["metrics"], saved["best_acc"]
+        state.skipped_steps = saved.get("skipped_steps", 0)
         # Mid-epoch, this rank's sums go on from where they were (only if the ranks are the same ones).
         if state.step_in_epoch and len(saved["train_sums"]) == world:
             state.sums += torch.tensor(saved["train_sums"][rank], dtype=torch.float64, device=device)
@@ -101,14 +103,16 @@ class Checkpointer:
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
         acc, world = self.accelerator, self.accelerator.num_processes
-        rngs = distributed.gather(rng_state(), world)
-        train_sums = distributed.gather(state.sums.tolist(), world)
-        if acc.is_main_process:
-            save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                      scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                      rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
-                      world_size=world), self.directory, self.keep_last, is_best)
-        acc.wait_for_everyone()
+        with distributed.patient():        # the others wait while rank 0 writes and fsyncs
+            rngs = distributed.gather(rng_state(), world)
+            train_sums = distributed.gather(state.sums.tolist(), world)
+            if acc.is_main_process:
+                save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                          scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                          rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
+                          world_size=world), self.directory, self.keep_last, is_best)
+                _test_delay()
+            acc.wait_for_everyone()
 
     def restore(self, resume: str, log=print) -> TrainState:
         """--resume '' (start afresh, refused if the directory already holds checkpoints), auto or PATH:
@@ -136,6 +140,14 @@ class Checkpointer:
 # ------------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------------
+def _test_delay() -> None:
+    """Tests simulate a slow shared filesystem (rank 0 takes this long to write a checkpoint)."""
+    delay = float(os.environ.get("FINETUNE_TEST_SAVE_DELAY_S", "0") or 0)
+    if delay:
+        import time
+        time.sleep(delay)
+
+
 def rng_state() -> dict:
     return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])

@@ -134,8 +134,13 @@ class Config:
                        default="")
     preempt_signals: str = _opt("comma-separated signals that request checkpoint-and-exit (code 75)",
                                 default="USR1,TERM")
-    collective_timeout: int = _opt("seconds before a collective waiting on a dead rank fails (torch default "
-                                   "is 30 min)", type=_positive_int, default=60)
+    collective_timeout: int = _opt("seconds before a collective waiting on a dead or hung rank fails, in the "
+                                   "steady state of training (torch default is 30 min)", type=_positive_int,
+                                   default=60)
+    startup_timeout: int = _opt("seconds collectives may wait where a long wait is legitimate: start-up (rank 0 "
+                                "hashing shards, loading checkpoints), the first step of each epoch (--compile, "
+                                "cudnn autotuning), evaluation and checkpoint writes", type=_positive_int,
+                                default=1800)
     # ---- debug ----------------------------------------------------------------------------------------
     debug: bool = _opt("single-process smoke run: 2 epochs x 3 steps of batch 8 at 112 px, 16 test images, "
                        "workers 0, fp32, anomaly detection, deterministic algorithms (explicit flags win)",

@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -199,26 +200,42 @@ def raw_sample(data: bytes, rng: random.Random) -> tuple[torch.Tensor, list[int]
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), [top, left, h, w, int(rng.random() < 0.5)]
 
 
+_BAD_IMAGE = ("BAD_JPEG", "JPEG_NOT_SUPPORTED", "corrupt", "Invalid", "not supported", "Unsupported")
+_warned: set[str] = set()
+
+
+def nvjpeg_failure(e: RuntimeError) -> str | None:
+    """None when nvjpeg refused an image (bad or unsupported data: the CPU decodes it, nothing to say);
+    else the reason (out of memory, a set-up or driver error), which a user should hear about."""
+    text = str(e)
+    return None if any(k in text for k in _BAD_IMAGE) else (text.strip().splitlines() or [type(e).__name__])[0]
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _gpu_decode(data, device: torch.device):
+    """nvjpeg decode of one tensor or a list; None where it fails (a non-image failure is warned about once)."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        reason = nvjpeg_failure(e)
+        if reason:
+            warn_once(f"--decode-on device: nvjpeg failed ({reason[:160]}); decoding on the CPU instead (slower)")
+        return None
+
+
 def decode_batch(raw: RawJpegBatch, device: torch.device, size: int) -> torch.Tensor:
     """RawJpegBatch -> uint8 [B, 3, size, size] on `device`. CUDA: one batched nvjpeg call; any image it
     refuses (or no CUDA at all) is decoded on the CPU instead."""
-    images = None
-    if device.type == "cuda":
-        try:
-            images = decode_jpeg(list(raw.data), mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            images = None       # one bad apple fails the batch: decode one by one below
-    if images is None:
-        images = []
-        for d in raw.data:
-            img = None
-            if device.type == "cuda":
-                try:
-                    img = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
-            images.append(img if img is not None
-                          else decode_jpeg(d, mode=ImageReadMode.RGB).to(device, non_blocking=True))
+    images = _gpu_decode(list(raw.data), device) if device.type == "cuda" else None
+    if images is None:          # one bad apple fails the batch: decode one by one
+        images = [(_gpu_decode(d, device) if device.type == "cuda" else None) for d in raw.data]
+        images = [img if img is not None else decode_jpeg(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+                  for img, d in zip(images, raw.data)]
     out = []
     for img, (top, left, h, w, flip) in zip(images, raw.params.tolist()):
         img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)

@@ -3,8 +3,10 @@ who is who, cross-rank agreement and reductions. The training loop itself reads 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import socket
 from datetime import timedelta
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import InitProcessGroupKwargs, gather_object, parse_flag_from_env
+from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs, gather_object, parse_flag_from_env
 
 from . import UsageError, atomic_write_text
 
@@ -75,17 +77,69 @@ def setup(cfg) -> Accelerator:
     if not cpu:
         check_one_device_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(),
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
-    # A rank that died must not leave the others waiting for 30 minutes (the gloo/NCCL default).
-    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout))
+    # NCCL's watchdog would abort the process on a timeout before our one-line explanation could print;
+    # "2" (clean up only) aborts the communicators and raises in the waiting Python thread instead.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    TIMEOUTS.update(steady=cfg.collective_timeout, patient=max(cfg.startup_timeout, cfg.collective_timeout))
+    TIMEOUTS["current"] = TIMEOUTS["patient"]
+    # Start-up (rank 0 hashes the shards, the model is built, a checkpoint loaded) may take long: the group
+    # starts with the patient timeout; the loop switches to the steady one after an epoch's first step.
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=TIMEOUTS["patient"]))
     # The process state first: it sets this rank's device, so the precision probe reads this rank's GPU.
     state = PartialState(cpu=cpu, **process_group.to_kwargs())
     precision = resolve_precision(cfg.precision, state.device)
+    scaler = GradScalerKwargs(init_scale=loss_scale_start(cfg, state.num_processes))
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,
         dynamo_backend="inductor" if cfg.compile else None,
-        kwargs_handlers=[process_group],
+        kwargs_handlers=[process_group, scaler],
     )
+
+
+def loss_scale_start(cfg, world: int) -> float:
+    """fp16's first loss scale. GradScaler starts at 2**16 for a loss of order 1 (a mean); each rank here
+    backpropagates its micro-batch's loss times `scale` (finetune.loop: world x the summed loss for
+    --loss-reduction sum), up to world x micro-batch times larger, and the fp16 gradients would overflow:
+    every overflow skips an optimizer step while the schedule goes on. Start where the loss fits."""
+    micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+    per_sample = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
+    magnitude = max(1.0, per_sample * micro_batch)
+    return float(2 ** max(0, 16 - math.ceil(math.log2(magnitude))))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Collective timeouts: patient while a legitimate wait may be long, short in the steady state of training
+# ------------------------------------------------------------------------------------------------------
+TIMEOUTS = {"steady": 60, "patient": 1800, "current": 1800}   # seconds; set from the config by setup()
+
+
+def _set_timeout(seconds: float) -> None:
+    TIMEOUTS["current"] = seconds
+    if dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=seconds))
+
+
+def steady() -> None:
+    """From now on a collective that waits longer than --collective-timeout fails (a dead or hung rank)."""
+    _set_timeout(TIMEOUTS["steady"])
+
+
+def relaxed() -> None:
+    """From now on collectives may wait --startup-timeout (an epoch's first step: compilation, autotuning)."""
+    _set_timeout(TIMEOUTS["patient"])
+
+
+@contextlib.contextmanager
+def patient():
+    """Inside: collectives may wait --startup-timeout (rank 0 fsyncing a checkpoint, an evaluation
+    compiling). Afterwards: the timeout from before."""
+    previous = TIMEOUTS["current"]
+    _set_timeout(TIMEOUTS["patient"])
+    try:
+        yield
+    finally:
+        _set_timeout(previous)
 
 
 def node_rank() -> int:
@@ -165,6 +219,32 @@ def collective_failure(exc: BaseException) -> str | None:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on at least one (used to agree on stopping at a step boundary)."""
     return all_reduce([1.0 if flag else 0.0], device, op=dist.ReduceOp.MAX)[0] > 0
+
+
+def sync_buffers(model: torch.nn.Module, world: int) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics). DDP broadcasts them at the START of
+    each forward, so after the last training step every rank's statistics include its own last batch:
+    without this, evaluation would measure W slightly different models while model.pt holds rank 0's."""
+    if world > 1 and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def buffer_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, b in model.named_buffers():
+        h.update(name.encode())
+        h.update(b.detach().double().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The largest peak GPU memory of any rank since the last call (then reset, so it is per epoch)."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return all_reduce([peak], device, op=dist.ReduceOp.MAX)[0]
 
 
 def configure_backends(device: torch.device, debug: bool) -> None:

@@ -43,14 +43,18 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
                dynamic_ncols=True)
     epoch_start = time.perf_counter()
+    distributed.relaxed()            # the first step may compile / autotune: a long wait is no dead rank
     timer.start()
     for step in range(start, steps):
-        set_lr(optimizer, lr_factor(cfg, state.global_step, steps))
+        set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
         optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
                        normalize=normalize, timer=timer, scale=scale)
         state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+        note_skipped_step(state, accelerator, monitor)
         timer.step_done()
         bar.update(1)
+        if step == start:
+            distributed.steady()     # past the first step (compilation, autotuning): hung ranks fail fast
 
         if state.global_step % cfg.log_every == 0:
             loss_sum, correct_sum, n = distributed.all_reduce(state.sums.tolist(), accelerator.device)
@@ -82,6 +86,18 @@ def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accele
     optimizer.zero_grad(set_to_none=True)
 
 
+def note_skipped_step(state: TrainState, accelerator, monitor) -> None:
+    """fp16: GradScaler skips the optimizer step when the gradients overflowed (and lowers the scale). Such a
+    step is not an update: it is counted (state.skipped_steps, TensorBoard train/skipped_steps, console) and
+    the lr schedule advances by updates only."""
+    if accelerator.scaler is None or not accelerator.optimizer_step_was_skipped:
+        return
+    state.skipped_steps += 1
+    monitor.scalars({"train/skipped_steps": state.skipped_steps}, state.global_step)
+    monitor.print(f"step {state.global_step}: fp16 gradients overflowed, optimizer step skipped "
+                  f"({state.skipped_steps} so far; loss scale now {accelerator.scaler.get_scale():g})")
+
+
 def epoch_metrics(sums: torch.Tensor, timer: StepTimer, epoch_start: float, batch_size: int, accelerator) -> dict:
     """The epoch's training metrics over all ranks: d2l's per-example loss and accuracy, and throughput."""
     world = accelerator.num_processes
@@ -107,7 +123,8 @@ def evaluate(model, loader, *, accelerator, normalize) -> dict:
     for images, labels in loader:
         images, labels = normalize(images, labels)
         _, losses, correct = batch_loss(model, images, labels, accelerator, 1.0)
-        sums += torch.stack([losses.sum(), correct, torch.tensor(len(labels), device=losses.device)]).to(sums)
+        sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
+        sums[2] += len(labels)       # a Python number: no blocking host-to-device copy
     loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
     return dict(test_loss=loss_sum / max(n, 1), test_acc=correct_sum / max(n, 1), test_samples=int(n),
                 eval_time=time.perf_counter() - start)

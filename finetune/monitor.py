@@ -74,8 +74,8 @@ class Monitor:
                   "perf/compute_examples_per_sec": record["compute_examples_per_sec"],
                   "perf/data_wait_frac": record["data_wait_frac"], "perf/epoch_time_s": record["epoch_time"]}
         values.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
-        if torch.cuda.is_available():
-            values["perf/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if record.get("peak_gpu_mem_gib") is not None:       # the largest of any rank, this epoch
+            values["perf/peak_gpu_mem_gib"] = record["peak_gpu_mem_gib"]
         self.scalars(values, step)
         self.print(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, train acc {record['train_acc']:.3f}, "
                    f"test acc {record['test_acc']:.3f} ({record['test_samples']} test images)")

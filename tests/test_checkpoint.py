@@ -158,7 +158,7 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     node fail after --collective-timeout seconds, not the 30-minute default."""
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
-            "--collective-timeout", "10", "--epochs", "50"]
+            "--collective-timeout", "10", "--startup-timeout", "15", "--epochs", "50"]
     nodes = _two_nodes(args, tmp_path)
     try:
         wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)

@@ -38,6 +38,9 @@ def test_two_processes_really_run_ddp(ddp_run):
     # DDP kept the parameters identical on both ranks, and model.pt holds exactly them.
     digests = {r["final_param_sha256"] for r in ranks}
     assert len(digests) == 1
+    # ...and the BatchNorm statistics too: rank 0's were broadcast before evaluating (DDP alone leaves each
+    # rank's last training batch in its own running statistics).
+    assert ranks[0]["final_buffer_sha256"] == ranks[1]["final_buffer_sha256"]
     saved = load_model_pt(run_dir)
     from finetune.distributed import param_digest
     model = build_model(parse_config(["--data", "x", "--pretrained", "none"]), saved["classes"])[0]
