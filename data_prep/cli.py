@@ -12,7 +12,7 @@ import sys
 from . import shards, synthetic
 from .errors import DataPrepError
 from .prepare import DEFAULT_QUALITY, default_workers, prepare
-from .sources import CACHE_ENV
+from .sources import CACHE_ENV, ZipLimits, parse_size
 
 COMMANDS = ("prepare", "verify", "synthetic")
 
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where --source d2l keeps hotdog.zip "
                                        f"(default: ${CACHE_ENV} or ~/.cache/hotdog-finetune)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.add_argument("--zip-max-bytes", type=parse_size, default=ZipLimits.max_bytes, metavar="SIZE",
+                   help="refuse a zip whose members add up to more, uncompressed (default: 64G)")
+    p.add_argument("--zip-max-members", type=_positive_int, default=ZipLimits.max_members, metavar="N",
+                   help="refuse a zip with more members (default: %(default)s)")
 
     v = sub.add_parser("verify", help="re-read every shard and check it against OUT/manifest.json",
                        description="Check shard sizes, sha256, sample and class counts and decodability.")
@@ -122,6 +126,7 @@ def _prepare(args) -> int:
         samples_per_shard=args.samples_per_shard, max_side=args.max_side, shorter_side=args.shorter_side,
         quality=args.quality, workers=args.workers, strict=args.strict, drop_duplicates=args.drop_duplicates,
         force=args.force, cache_dir=args.cache_dir, progress=not args.no_progress and sys.stderr.isatty(),
+        zip_limits=ZipLimits(args.zip_max_bytes, args.zip_max_members),
     )
     return 0
 
