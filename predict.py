@@ -11,8 +11,10 @@ command line are tried whatever their extension. Output, one line per image, in 
     {"path": ..., "label": ..., "probability": ..., "top": [{"label": ..., "probability": ...}, ...]}   (--json)
 
 The eval preprocessing is the one model.pt records (`preprocess`: resize to [H, W], centre crop, normalise with
-mean/std), i.e. what train.py evaluated with. An image that cannot be read is reported on stderr, naming the
-file, and the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
+mean/std), i.e. what train.py evaluated with. Images are read as data_prep reads them (data_prep.images: the
+same pixel limit, 16-bit and float images scaled to 8 bits, transparency onto white). An image that cannot be
+read, or is over the pixel limit, is reported on stderr in one line naming the file, and the others are still
+labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
 path does not exist), 2 usage error (no/unloadable model file, no images found, --device cuda without a GPU).
 """
 
@@ -89,26 +91,26 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """Any common image file -> uint8 RGB [3, H, W]. torchvision's decoders (JPEG, PNG, GIF, WebP) first,
-    PIL for the rest (BMP, TIFF, ...). Raises ValueError with a short reason when the file is not an image."""
-    from torchvision.io import ImageReadMode, decode_image
-    data = path.read_bytes()
+    """Any common image file -> uint8 RGB [3, H, W], read the way data_prep reads it (data_prep.images):
+    only a regular file, the same pixel limit (checked from the header, before decoding), high-bit-depth
+    images scaled to 8 bits and transparency composited onto white. An 8-bit JPEG is decoded by torchvision's
+    decode_jpeg, as train.py decodes the shards' JPEGs. Raises ValueError with a short reason when the file
+    cannot be used."""
+    import numpy as np
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from data_prep.images import open_image, read_regular_file, to_rgb
+    data = read_regular_file(path)
     if not data:
         raise ValueError("empty file")
-    try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return img[0] if img.ndim == 4 else img          # an animated GIF: its first frame
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        import numpy as np
-        from PIL import Image
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds for damaged or foreign files
-        raise ValueError(f"not a readable image ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+    im = open_image(data)                           # ImageRejected (a ValueError): not an image, too large...
+    if im.format == "JPEG" and im.mode in ("RGB", "L"):
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass                                    # libjpeg refuses what Pillow read: use Pillow's pixels
+    arr = np.asarray(to_rgb(im))                    # an animated GIF: its first frame
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:

@@ -3,16 +3,45 @@
 Both write a whole directory that should appear complete or not at all: the contents are built in a
 hidden sibling directory (same filesystem, so the final `rename` is atomic) and moved into place at
 the end. A crash or an error leaves, at worst, a hidden `.NAME.tmp-PID` folder, never a half-written
-`NAME`.
+`NAME`; the next run removes such a folder once its PID is dead on this host (`_remove_stale`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Iterator
+
+from .errors import UsageError
+
+# Inside a temporary folder while it is being written: the host that writes it (removed before the
+# final rename). A stale folder is only removed by a run on that same host, where its PID means something.
+_OWNER = ".data_prep-owner"
+
+
+def output_target(out: Path, flag: str = "--out") -> Path:
+    """The real folder that an output folder `out` stands for; refuse the ones that cannot be replaced.
+
+    `out` is replaced as a whole by a rename, so it must not be the current folder or one above it
+    (`--out .`: the rename fails with EBUSY after a full copy was written), nor a mount point (a
+    rename cannot move one). A symbolic link is followed: the folder it points to is replaced and
+    the link is kept (also one whose target does not exist yet), as rsync and tar write through a
+    symlinked destination folder instead of replacing the link.
+    """
+    out = Path(out)
+    real = Path(os.path.realpath(out))
+    if Path.cwd().resolve().is_relative_to(real):
+        raise UsageError(f"{flag} {out}: is the current folder or one above it, and {flag} is replaced as "
+                            f"a whole; pass a new subfolder, e.g. {flag} shards")
+    if real.exists() and os.path.ismount(real):
+        raise UsageError(f"{flag} {out}: is a mount point, which cannot be replaced; pass a folder inside it, "
+                            f"e.g. {flag} {out}/shards")
+    return real
 
 
 @contextlib.contextmanager
@@ -22,13 +51,16 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     On any exception (including KeyboardInterrupt) the temporary directory is removed and `out`
     is left exactly as it was.
     """
-    out = Path(out)
+    out = output_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed run with a recycled pid
     tmp.mkdir()
+    (tmp / _OWNER).write_text(socket.gethostname() + "\n")
     try:
         yield tmp
+        (tmp / _OWNER).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -39,3 +71,36 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove `.OUT.tmp-PID` folders left by killed runs: those written on this host by a PID that is gone.
+
+    One stderr line per folder removed, or left alone because it may belong to a live run (its PID
+    is alive, or it was written on another host, or by a data_prep too old to say).
+    """
+    for tmp in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not tmp.is_dir():
+            continue
+        try:
+            host = (tmp / _OWNER).read_text().strip()
+        except OSError:
+            host = None
+        if host == socket.gethostname() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"data_prep: removed {tmp}, left by a killed run (pid {pid} is gone)", file=sys.stderr)
+        else:
+            why = f"pid {pid} is alive" if host == socket.gethostname() else f"written on {host or 'an unknown host'}"
+            print(f"data_prep: warning: left {tmp} alone ({why}); delete it if no data_prep run is using it",
+                  file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

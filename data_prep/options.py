@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import shards
-from .sources import CACHE_ENV
+from .sources import CACHE_ENV, ZipLimits, parse_size
 
 DEFAULT_QUALITY = 95
 
@@ -67,6 +67,10 @@ class PrepareOptions:
                                         f"~/.cache/hotdog-finetune)")
     progress: bool = _opt("no progress bar (default: shown on a terminal)", False, flag="--no-progress",
                           action="store_false")
+    zip_max_bytes: int = _opt("refuse a zip whose members add up to more, uncompressed (default: 64G)",
+                              ZipLimits.max_bytes, type=parse_size, metavar="SIZE")
+    zip_max_members: int = _opt("refuse a zip with more members (default: %(default)s)", ZipLimits.max_members,
+                                type=positive_int, metavar="N")
 
     def fingerprint_options(self) -> dict:
         """The options that change the output, as recorded in the manifest (and hashed, minus `source`)."""

@@ -5,10 +5,13 @@ Order of work, and why:
 1. Resolve the source and fingerprint it together with every option that changes the output.
    If OUT already holds a manifest with that fingerprint and its shards, stop ("up to date").
 2. Inside a temporary sibling of OUT (renamed into place only at the very end): extract a zip,
-   list the files in sorted order, and decode every one in a worker pool. `Pool.imap` returns
-   results in input order, so the output does not depend on `--workers`.
+   list the files in sorted order, and decode every one in a worker pool. Results are taken in
+   input order, so the output does not depend on `--workers`. Each encoded image is appended to a
+   spool file at once and only its offset is kept, so memory stays bounded whatever the set size.
+   A worker that dies (OOM killer, a crash in a decoder) ends the run with one line.
 3. Set aside unreadable files, find exact duplicates (and train/test leakage), check that no
-   class is left empty, shuffle each split with the seed, write shards, then the manifest.
+   class is left empty, shuffle each split with the seed, write shards (reading the images back
+   from the spool one at a time), then the manifest.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import multiprocessing
 import random
 import shutil
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from . import __version__, shards, sources
 from .errors import UsageError
-from .fsutil import atomic_output_dir
+from .fsutil import atomic_output_dir, output_target
 from .images import EncodeOptions, Encoded, encode_file
 from .manifest import FORMAT, MANIFEST, read_manifest
 from .options import PrepareOptions, default_workers
@@ -41,7 +46,12 @@ class _Record:
     """A source file together with what decoding it produced."""
 
     file: sources.SourceFile
-    result: Encoded
+    result: Encoded  # its jpg is None: the bytes are in the spool file, at `span`
+    span: tuple[int, int] | None = None  # (offset, length) in the spool; None for a skipped file
+
+    @property
+    def usable(self) -> bool:
+        return self.span is not None
 
 
 def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] = print, **options) -> dict:
@@ -56,9 +66,13 @@ def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] =
 def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
     _check_options(opts)
     source, out = opts.source, Path(opts.out)
+    real_out = output_target(out)
     kind, path = sources.resolve(source, opts.cache_dir, opts.progress)
-    if kind == "dir" and out.resolve().is_relative_to(path.resolve()):
+    if kind == "dir" and real_out.is_relative_to(path.resolve()):
         raise UsageError(f"--out {out} is inside --source {source}; write the shards somewhere else")
+    if path.resolve().is_relative_to(real_out):
+        raise UsageError(f"--source {source} is inside --out {out}, which is replaced as a whole; "
+                         "move the source out of it or choose another --out")
     options = opts.fingerprint_options()
     fingerprint = _fingerprint(sources.fingerprint(kind, path), options)
     if not opts.force and _up_to_date(out, fingerprint):
@@ -67,9 +81,11 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
 
     encode = EncodeOptions(max_side=opts.max_side, shorter_side=opts.shorter_side, quality=opts.quality)
     with atomic_output_dir(out) as tmp:
-        root = sources.safe_extract(path, tmp / "_extract") if kind == "zip" else path
+        limits = sources.ZipLimits(opts.zip_max_bytes, opts.zip_max_members)
+        root = sources.safe_extract(path, tmp / "_extract", limits) if kind == "zip" else path
         layout = sources.scan(sources.find_layout_root(root), test_fraction=opts.test_fraction, seed=opts.seed)
-        records = _decode_all(layout.files, encode, opts.workers or default_workers(), opts.progress)
+        spool = tmp / "_spool"
+        records = _decode_all(layout.files, encode, opts.workers or default_workers(), opts.progress, spool)
         records, skipped = _usable(records, layout.skipped, opts.strict)
         duplicates, dropped = _find_duplicates(records, opts.drop_duplicates)
         records = [r for r in records if r.file.rel not in dropped]
@@ -77,14 +93,17 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
 
         by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
         options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+        with open(spool, "rb") as images:
+            splits = {
+                split: shards.write_split(tmp, split, _stratified_shuffle(recs, opts.seed, split, images),
+                                          options["samples_per_shard"], len(layout.classes))
+                for split, recs in by_split.items()
+            }
+        spool.unlink()
         manifest = {
             "format": FORMAT,
             "classes": layout.classes,
-            "splits": {
-                split: shards.write_split(tmp, split, _stratified_shuffle(recs, opts.seed, split),
-                                          options["samples_per_shard"], len(layout.classes))
-                for split, recs in by_split.items()
-            },
+            "splits": splits,
             "options": options,
             "skipped": skipped,
             "duplicates": duplicates,
@@ -101,14 +120,14 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
 
 def _usable(records: list[_Record], skipped: list[dict], strict: bool) -> tuple[list[_Record], list[dict]]:
     """The decoded records, and every skipped file with its reason (--strict: an error instead)."""
-    skipped = skipped + [{"path": r.file.rel, "reason": r.result.reason} for r in records if r.result.jpg is None]
+    skipped = skipped + [{"path": r.file.rel, "reason": r.result.reason} for r in records if not r.usable]
     if strict and skipped:
         first = skipped[0]
         raise UsageError(
             f"--strict: {len(skipped)} unusable file(s), first {first['path']}: {first['reason']}; "
             "fix or remove them, or drop --strict to skip them"
         )
-    return [r for r in records if r.result.jpg is not None], skipped
+    return [r for r in records if r.usable], skipped
 
 
 def _check_options(o: PrepareOptions) -> None:
@@ -154,17 +173,70 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
     return manifest.get("fingerprint") == fingerprint and shards.shards_present(out, manifest)
 
 
-def _decode_all(files: list[sources.SourceFile], encode: EncodeOptions, workers: int, progress: bool) -> list[_Record]:
-    work = partial(encode_file, options=encode)
-    paths = [f.path for f in files]
-    bar = dict(total=len(files), desc="decode", unit="img", file=sys.stderr, disable=not progress)
-    if workers == 1 or len(files) < 2:
-        results = [work(p) for p in tqdm(paths, **bar)]
-    else:
-        # The pool is created before tqdm starts its monitor thread (forking after threads is fragile).
-        with multiprocessing.Pool(min(workers, len(files))) as pool:
-            results = list(tqdm(pool.imap(work, paths, chunksize=8), **bar))
-    return [_Record(f, r) for f, r in zip(files, results)]
+def _decode_all(files: list[sources.SourceFile], encode: EncodeOptions, workers: int, progress: bool,
+                spool: Path) -> list[_Record]:
+    """Decode every file; append each usable image's bytes to `spool` at once (bounded memory)."""
+    records = []
+    with open(spool, "wb") as sink:
+        for file, result in zip(files, _encode_in_order([f.path for f in files], encode, workers, progress)):
+            span = None
+            if result.jpg is not None:
+                span = (sink.tell(), len(result.jpg))
+                sink.write(result.jpg)
+                result = replace(result, jpg=None)
+            records.append(_Record(file, result, span))
+    return records
+
+
+_CHUNK = 8  # files per task sent to a worker
+_IN_FLIGHT = 4  # tasks queued per worker: results held in memory are at most workers x 4 x 8 images
+
+
+def _encode_chunk(paths: list[Path], options: EncodeOptions) -> list[Encoded]:
+    return [encode_file(p, options) for p in paths]
+
+
+def _encode_in_order(paths: list[Path], encode: EncodeOptions, workers: int, progress: bool) -> Iterator[Encoded]:
+    """`encode_file` over `paths`, results in input order, in `workers` processes.
+
+    A ProcessPoolExecutor rather than multiprocessing.Pool: when a worker dies (SIGKILL from the OOM
+    killer, a segfault), Pool.imap waits forever, while the executor fails every pending task with
+    BrokenProcessPool, which becomes a one-line UsageError (and the temporary output is removed).
+    """
+    bar = dict(total=len(paths), desc="decode", unit="img", file=sys.stderr, disable=not progress)
+    if workers == 1 or len(paths) < 2:
+        yield from (encode_file(p, encode) for p in tqdm(paths, **bar))
+        return
+    chunks = iter([paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)])
+    pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=multiprocessing.get_context("fork"))
+    pending: deque = deque()
+
+    def submit() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append((chunk, pool.submit(_encode_chunk, chunk, encode)))
+
+    try:
+        # The first submissions fork every worker, before tqdm starts its monitor thread
+        # (forking after threads is fragile).
+        for _ in range(_IN_FLIGHT * workers):
+            submit()
+        with tqdm(**bar) as progress_bar:
+            while pending:
+                chunk, future = pending.popleft()
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    raise UsageError(
+                        f"a decode worker died (killed by the system, e.g. out of memory, or crashed) while "
+                        f"decoding {chunk[0]} or one of the {len(chunk) - 1} files after it; nothing was "
+                        "written; free memory or pass --workers 1 (or a smaller --max-side), then retry"
+                    ) from None
+                submit()
+                progress_bar.update(len(chunk))
+                yield from results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _find_duplicates(records: list[_Record], drop: bool) -> tuple[list[dict], set[str]]:
@@ -205,11 +277,12 @@ def _check_not_empty(records: list[_Record], classes: list[str], num_skipped: in
                 )
 
 
-def _stratified_shuffle(records: list[_Record], seed: int, split: str) -> list[shards.Sample]:
+def _stratified_shuffle(records: list[_Record], seed: int, split: str, images) -> list[shards.Sample]:
     """Shuffle so that every class is spread evenly along the sequence, hence over every shard.
 
     Each class is shuffled, its i-th of n members placed at (i + U(0,1)) / n, and the classes are
     merged by that position: random order, but no long single-class runs, even in small shards.
+    Each sample's image is a callable that reads it from the spool file `images` when it is written.
     """
     rng = random.Random(f"{seed}:{split}")
     by_label: dict[int, list[_Record]] = defaultdict(list)
@@ -221,7 +294,12 @@ def _stratified_shuffle(records: list[_Record], seed: int, split: str) -> list[s
         rng.shuffle(members)
         placed += [((i + rng.random()) / len(members), r.file.key, r) for i, r in enumerate(members)]
     placed.sort(key=lambda t: t[:2])
-    return [(r.file.key, r.file.label, r.result.jpg) for _, _, r in placed]
+    return [(r.file.key, r.file.label, partial(_read_span, images, *r.span)) for _, _, r in placed]
+
+
+def _read_span(f, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)
 
 
 def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:

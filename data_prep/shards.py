@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Callable
 
 import braceexpand
 from PIL import Image
@@ -23,7 +24,8 @@ MIN_TRAIN_SHARDS = 16
 MAX_SAMPLES_PER_SHARD = 1000
 TAR_MTIME = 0  # fixed tar header time, for byte-identical re-runs
 
-Sample = tuple[str, int, bytes]  # (__key__, class index, jpg bytes)
+# (__key__, class index, jpg bytes or a callable returning them: read only when the sample is written)
+Sample = tuple[str, int, "bytes | Callable[[], bytes]"]
 
 
 def default_samples_per_shard(num_train: int) -> int:
@@ -41,7 +43,10 @@ def shard_pattern(split: str, num_shards: int) -> str:
 
 
 def write_split(out: Path, split: str, samples: list[Sample], samples_per_shard: int, num_classes: int) -> dict:
-    """Write `samples` (already in their final order) as shards; return the split's manifest entry."""
+    """Write `samples` (already in their final order) as shards; return the split's manifest entry.
+
+    Only one image is in memory at a time when `samples` holds callables (see `Sample`).
+    """
     import webdataset as wds  # imports torch (~2 s): paid only when shards are written or read
 
     # ShardWriter formats its pattern with %, so a literal % in the folder name must be doubled.
@@ -49,7 +54,7 @@ def write_split(out: Path, split: str, samples: list[Sample], samples_per_shard:
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, maxsize=float("inf"), verbose=0,
                          encoder=False, mtime=TAR_MTIME, user="bigdata", group="bigdata", mode=0o444) as sink:
         for key, label, jpg in samples:
-            sink.write({"__key__": key, "jpg": jpg, "cls": str(label).encode("ascii")})
+            sink.write({"__key__": key, "jpg": jpg() if callable(jpg) else jpg, "cls": str(label).encode("ascii")})
     # ShardWriter starts a new shard exactly every `samples_per_shard` samples.
     chunks = [samples[i:i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
     shards = []

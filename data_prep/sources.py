@@ -23,6 +23,7 @@ import stat
 import sys
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -135,24 +136,50 @@ def fingerprint(kind: str, path: Path) -> str:
 # --------------------------------------------------------------------------- zip extraction
 
 
-def safe_extract(zip_path: Path, dest: Path) -> Path:
+@dataclass(frozen=True)
+class ZipLimits:
+    """Caps checked against a zip's central directory before anything is extracted (zip bombs).
+
+    The defaults are far above any image set this project handles (d2l's hotdog.zip: about 2,500
+    members, 0.26 GB) and far below what fills a disk; raise them with --zip-max-bytes/--zip-max-members.
+    """
+
+    max_bytes: int = 64 << 30  # total uncompressed size: 64 GiB
+    max_members: int = 1_000_000
+
+
+def parse_size(text: str) -> int:
+    """``"64G"`` -> 68719476736: a byte count with an optional binary K, M, G or T suffix (argparse type)."""
+    import argparse
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B").rstrip("I"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 500M or 64G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return value
+
+
+def safe_extract(zip_path: Path, dest: Path, limits: ZipLimits | None = None) -> Path:
     """Extract `zip_path` into `dest`, refusing the whole archive if any member is unsafe.
 
     Unsafe: an absolute path, a symbolic link, or a path that resolves outside `dest` ("zip-slip",
-    e.g. ``../../etc/cron.d/x``). Everything is checked before the first byte is written.
+    e.g. ``../../etc/cron.d/x``); an encrypted member; a name that is both a file and a folder (or
+    twice a file); more members or more uncompressed bytes than `limits` (zip bombs). Everything is
+    checked before the first byte is written. zipfile stops reading a member at its declared size,
+    so the size check cannot be dodged by a member that lies about it (its CRC check then fails).
     """
+    limits = limits or ZipLimits()
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
     try:
         with zipfile.ZipFile(zip_path) as zf:
             members = zf.infolist()
-            for info in members:
-                why = _unsafe_member(info, root)
-                if why:
-                    raise UsageError(
-                        f"{zip_path}: refusing to extract member {info.filename!r}: {why} (zip-slip); "
-                        "the archive is unsafe, get a clean copy"
-                    )
+            _check_zip(zip_path, members, root, limits)
             for info in members:
                 target = root / info.filename
                 if info.is_dir():
@@ -161,9 +188,45 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-        raise UsageError(f"{zip_path}: corrupt zip file ({exc}); download it again") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise UsageError(f"{zip_path}: corrupt or unsupported zip file ({exc}); get a clean copy") from None
+    except OSError as exc:
+        raise UsageError(f"{zip_path}: cannot extract ({exc.strerror or exc}: {exc.filename}); "
+                            "check the free space and the archive") from None
     return dest
+
+
+def _check_zip(zip_path: Path, members: list[zipfile.ZipInfo], root: Path, limits: ZipLimits) -> None:
+    """Refuse the archive (one UsageError) for any of the reasons listed in `safe_extract`."""
+    def refuse(what: str) -> UsageError:
+        return UsageError(f"{zip_path}: {what}")
+
+    if len(members) > limits.max_members:
+        raise refuse(f"{len(members)} members, over the limit of {limits.max_members} (a zip bomb?); "
+                     "pass --zip-max-members N to allow more")
+    total = sum(info.file_size for info in members)
+    if total > limits.max_bytes:
+        raise refuse(f"{total} bytes uncompressed, over the limit of {limits.max_bytes} (a zip bomb?); "
+                     "pass --zip-max-bytes SIZE (e.g. 200G) to allow more")
+    files: set[str] = set()
+    folders: set[str] = set()
+    for info in members:
+        why = _unsafe_member(info, root)
+        if why:
+            raise refuse(f"refusing to extract member {info.filename!r}: {why} (zip-slip); "
+                         "the archive is unsafe, get a clean copy")
+        if info.flag_bits & 0x1:
+            raise refuse(f"member {info.filename!r} is encrypted; decrypt the archive (or unzip it) "
+                         "and pass the folder as --source")
+        name = (root / info.filename).relative_to(root).as_posix()
+        parents = [p.as_posix() for p in PurePosixPath(name).parents if p.as_posix() != "."]
+        clash = (name in files or (not info.is_dir() and name in folders)
+                 or any(p in files for p in parents))
+        if clash:
+            raise refuse(f"member {info.filename!r} clashes with another member of the same name "
+                         "(a file and a folder, or two files); the archive is malformed, get a clean copy")
+        (folders if info.is_dir() else files).add(name)
+        folders.update(parents)
 
 
 def _unsafe_member(info: zipfile.ZipInfo, root: Path) -> str | None:
@@ -202,13 +265,62 @@ def _class_dirs(folder: Path) -> list[Path]:
     return [p for p in _visible(folder.iterdir()) if p.is_dir()]
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Regular files below `folder` (any depth), skipping hidden ones, in sorted order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+def _files_under(folder: Path, root: Path) -> tuple[list[Path], list[dict]]:
+    """Regular files below the class folder `folder` (any depth), hidden ones left out, in sorted order;
+    and the entries skipped, each with its reason (for the manifest's `skipped`).
+
+    Symbolic links to files and folders are followed only while they stay inside `folder` (so a link
+    cannot give images another class's label) and do not point back at a folder above them (a loop).
+    Links that leave the source (`root`) are never followed either: like rsync --safe-links, and
+    unlike a plain os.walk(followlinks=True), which multiplied and mislabelled data. Only regular
+    files are read; FIFOs, devices and sockets are reported, never opened (a FIFO blocks forever).
+    """
+    real_root, top = Path(os.path.realpath(root)), Path(os.path.realpath(folder))
+    found: list[Path] = []
+    skipped: list[dict] = []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": path.relative_to(root).as_posix(), "reason": reason})
+
+    def link_problem(path: Path) -> str | None:
+        target = Path(os.path.realpath(path))
+        if Path(os.path.realpath(path.parent)).is_relative_to(target):
+            return "symbolic link loop (it points to a folder above it); not followed"
+        if not target.is_relative_to(real_root):
+            return f"symbolic link to {target}, outside the source; not followed"
+        if not target.is_relative_to(top):
+            return (f"symbolic link to {target.relative_to(real_root).as_posix()}, outside its class folder "
+                    f"{folder.relative_to(root).as_posix()}; not followed (it would relabel those images)")
+        return None
+
+    def walk(directory: Path) -> None:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if not e.name.startswith(".") and e.name != "__MACOSX")
+        for name in names:
+            path = directory / name
+            why = link_problem(path) if path.is_symlink() else None
+            if why:
+                skip(path, why)
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                skip(path, f"unreadable ({exc.strerror or exc})")
+                continue
+            if stat.S_ISDIR(mode):
+                walk(path)
+            elif stat.S_ISREG(mode):
+                found.append(path)
+            else:
+                skip(path, "not a regular file (a FIFO, device or socket); only regular files are read")
+
+    if folder.is_symlink() and Path(os.path.realpath(folder.parent)).is_relative_to(top):
+        skip(folder, "symbolic link loop (it points to a folder above it); not followed")
+    elif folder.is_symlink() and not top.is_relative_to(real_root):
+        skip(folder, f"symbolic link to {top}, outside the source; not followed")
+    else:
+        walk(folder)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix()), skipped
 
 
 def scan(root: Path, *, test_fraction: float | None, seed: int) -> Layout:
@@ -259,7 +371,11 @@ def _scan_split_layout(root: Path) -> Layout:
     for split in SPLITS:
         split_root = root / split
         skipped += _loose_files(split_root, root)
-        paths = [(label, p) for label, name in enumerate(classes) for p in _files_under(split_root / name)]
+        paths = []
+        for label, name in enumerate(classes):
+            found, bad = _files_under(split_root / name, root)
+            paths += [(label, p) for p in found]
+            skipped += bad
         files += _with_keys(split, paths, root, split_root)
     return Layout(classes, files, skipped)
 
@@ -272,8 +388,10 @@ def _scan_class_folders(root: Path, test_fraction: float, seed: int) -> Layout:
     """
     classes = _class_names(root, "no train/ and test/ found, so its subfolders are the classes")
     chosen: dict[str, list[tuple[int, Path]]] = {s: [] for s in SPLITS}
+    skipped = _loose_files(root, root)
     for label, name in enumerate(classes):
-        paths = _files_under(root / name)
+        paths, bad = _files_under(root / name, root)
+        skipped += bad
         paths.sort(key=lambda p: hashlib.sha256(f"{seed}:{p.relative_to(root).as_posix()}".encode()).digest())
         n = len(paths)
         n_test = min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
@@ -283,7 +401,7 @@ def _scan_class_folders(root: Path, test_fraction: float, seed: int) -> Layout:
     for split in SPLITS:
         chosen[split].sort(key=lambda lp: lp[1].relative_to(root).as_posix())
         files += _with_keys(split, chosen[split], root, root)
-    return Layout(classes, files, _loose_files(root, root))
+    return Layout(classes, files, skipped)
 
 
 def _with_keys(split: str, paths: list[tuple[int, Path]], root: Path, split_root: Path) -> list[SourceFile]:

@@ -62,15 +62,9 @@ def fetch_weights(arch: str, mirror: str | None) -> str:
 
 def fetch_hotdog(cache: Path, mirror: str | None) -> str:
     from data_prep import sources
-    from data_prep.errors import DataPrepError
-
-    from . import UsageError
     if mirror:
         os.environ[sources.URL_ENV] = _mirrored(sources.D2L_URL, mirror)
-    try:
-        path = sources.fetch_d2l(cache / "data")
-    except DataPrepError as e:
-        raise UsageError(str(e)) from None
+    path = sources.fetch_d2l(cache / "data")        # its errors are the one UsageError
     return f"hotdog.zip: {path} (sha1 {sources.D2L_SHA1} verified)"
 
 

@@ -175,3 +175,68 @@ def test_accuracy_on_the_source_photos_equals_train_pys_test_accuracy(trained, s
     err = capsys.readouterr().err
     n = final["test_samples"]
     assert f"accuracy against folder names {round(final['test_acc'] * n)}/{n} " in err, (final, err)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Issue 11: predict.py reads images the way data_prep does (one shared module, data_prep.images)
+# ------------------------------------------------------------------------------------------------------
+def test_pixel_limit_is_data_preps_and_reported_per_file(trained, tmp_path, capsys, monkeypatch):
+    import data_prep.images
+    small, big = _photo(tmp_path / "small.jpg", size=(40, 30)), _photo(tmp_path / "big.png", size=(90, 80))
+    monkeypatch.setattr(data_prep.images, "MAX_PIXELS", 40 * 30)     # data_prep's own limit, lowered
+    assert predict.main(["--model", trained["model"], str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert [r[0] for r in _rows(out)] == [str(small)]
+    lines = [line for line in err.splitlines() if "cannot read" in line]
+    assert len(lines) == 1 and str(big) in lines[0] and "image too large (90 x 80" in lines[0], err
+
+
+def test_a_20000_x_10000_png_is_refused_from_its_header(trained, tmp_path, capsys):
+    """The file of the issue (a tiny PNG of 200 megapixels): refused before any pixel is decoded."""
+    import struct
+    import zlib
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 1, 0, 0, 0, 0))
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    _photo(tmp_path / "ok.jpg")
+    assert predict.main(["--model", trained["model"], str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "bomb.png: image too large" in err and "labelled 1 image(s)" in err
+
+
+def test_16_bit_png_among_jpegs_is_labelled_and_scaled(trained, photos, capsys):
+    import numpy as np
+    root, files = photos
+    ramp = (np.arange(256) * 257).astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (8, 1))).save(root / "deep.png")
+    img = predict.read_image(root / "deep.png")
+    assert img.dtype == torch.uint8 and img.shape == (3, 8, 256)
+    assert torch.equal(img[0, 0], torch.arange(256, dtype=torch.uint8)), "a ramp, not clipped to white"
+    assert predict.main(["--model", trained["model"], str(root), "--batch-size", "64"]) == 0
+    assert len(_rows(capsys.readouterr().out)) == len(files) + 1
+
+
+def test_transparency_is_composited_onto_white_as_in_data_prep(tmp_path):
+    import io
+    import numpy as np
+    from data_prep.images import EncodeOptions, encode_file
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    img = predict.read_image(tmp_path / "clear.png")
+    assert int(img.min()) == 255, "white, like data_prep (not black)"
+    shard_jpg = encode_file(tmp_path / "clear.png", EncodeOptions()).jpg
+    assert np.asarray(Image.open(io.BytesIO(shard_jpg))).min() >= 250
+
+
+def test_crafted_pickle_as_model_never_runs(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"state_dict": Evil(), "classes": ["a", "b"], "preprocess": {}}, tmp_path / "evil.pt")
+    img = _photo(tmp_path / "x.jpg")
+    assert predict.main(["--model", str(tmp_path / "evil.pt"), str(img)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("predict.py: error: --model") and "weights_only" in err[0], err
+    assert not marker.exists()
