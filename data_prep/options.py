@@ -50,6 +50,10 @@ class PrepareOptions:
         f"samples per shard (default: train count // {shards.MIN_TRAIN_SHARDS}, so at least "
         f"{shards.MIN_TRAIN_SHARDS} train shards, capped at {shards.MAX_SAMPLES_PER_SHARD})",
         fingerprint=True, type=positive_int, metavar="N")
+    min_test_shards: int | None = _opt(
+        f"make test shards small enough for at least N test shards (default: {shards.MIN_TEST_SHARDS}, or the "
+        f"--samples-per-shard size when that is given); evaluation reads whole shards per rank when there are "
+        f"at least as many as ranks", fingerprint=True, type=positive_int, metavar="N")
     max_side: int | None = _opt("downsize so the longer side is at most PX (re-encodes; never upscales)",
                                 fingerprint=True, type=positive_int, metavar="PX", group="size")
     shorter_side: int | None = _opt("downsize so the shorter side is at most PX (re-encodes; never upscales)",

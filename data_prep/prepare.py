@@ -76,13 +76,13 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
         _check_not_empty(records, layout.classes, len(skipped))
 
         by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
-        options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+        _shard_sizes(options, opts, by_split)
         manifest = {
             "format": FORMAT,
             "classes": layout.classes,
             "splits": {
                 split: shards.write_split(tmp, split, _stratified_shuffle(recs, opts.seed, split),
-                                          options["samples_per_shard"], len(layout.classes))
+                                          _shard_size(options, split), len(layout.classes))
                 for split, recs in by_split.items()
             },
             "options": options,
@@ -97,6 +97,18 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
             shutil.rmtree(tmp / "_extract")
     _report(out, manifest, log)
     return manifest
+
+
+def _shard_sizes(options: dict, opts: PrepareOptions, by_split: dict) -> None:
+    """Record the shard size of each split in `options` (docs/data.md, "How many shards")."""
+    options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+    options["test_samples_per_shard"] = shards.eval_samples_per_shard(
+        len(by_split["test"]), options["samples_per_shard"], opts.min_test_shards, opts.samples_per_shard is not None)
+
+
+def _shard_size(options: dict, split: str) -> int:
+    """Train uses samples_per_shard; evaluation splits (test, and any other) test_samples_per_shard."""
+    return options["samples_per_shard"] if split == "train" else options["test_samples_per_shard"]
 
 
 def _usable(records: list[_Record], skipped: list[dict], strict: bool) -> tuple[list[_Record], list[dict]]:
@@ -224,6 +236,11 @@ def _stratified_shuffle(records: list[_Record], seed: int, split: str) -> list[s
     return [(r.file.key, r.file.label, r.result.jpg) for _, _, r in placed]
 
 
+def _per_shard(options: dict) -> str:
+    train, test = options["samples_per_shard"], options.get("test_samples_per_shard", options["samples_per_shard"])
+    return str(train) if train == test else f"{train} + {test}"
+
+
 def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     """One summary line on stdout, plus a warning line per kind of problem on stderr."""
     train, test = manifest["splits"]["train"], manifest["splits"]["test"]
@@ -232,7 +249,7 @@ def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     log(
         f"data_prep: wrote {out}: {train['num_samples']} train + {test['num_samples']} test samples "
         f"in {len(train['shards'])} + {len(test['shards'])} shards "
-        f"({manifest['options']['samples_per_shard']} per shard), {len(manifest['classes'])} classes; "
+        f"({_per_shard(manifest['options'])} per shard), {len(manifest['classes'])} classes; "
         f"{len(skipped)} skipped, {len(duplicates)} duplicate group(s), {leaks} train/test leak(s)"
     )
     if skipped:
