@@ -40,7 +40,8 @@ class PrepareOptions:
     source: str = _opt("'d2l' (download d2l's hotdog.zip into the cache), a .zip, or a folder: either train/ and "
                        "test/ with one subfolder per class, or class folders plus --test-fraction",
                        fingerprint=True, required=True)
-    out: str | Path = _opt("output folder (created atomically; replaced on rebuild)", required=True)
+    out: str | Path = _opt("output folder (created atomically; replaced on rebuild), or an s3:// location (built "
+                            "locally under TMPDIR, then uploaded, manifest last)", required=True)
     test_fraction: float | None = _opt("for a folder of class folders: put this fraction of each class in test "
                                        "(deterministic: a seeded hash of each file's path)",
                                        fingerprint=True, type=float, metavar="F")

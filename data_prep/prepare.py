@@ -13,12 +13,14 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import random
 import shutil
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +29,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from . import __version__, shards, sources
+from . import __version__, remote, shards, sources
 from .errors import UsageError
 from .fsutil import atomic_output_dir
 from .images import EncodeOptions, Encoded, encode_file
@@ -50,10 +52,13 @@ def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] =
 
     Raises `UsageError` for anything the user has to fix; `out` is then left untouched.
     """
-    return prepare_with(PrepareOptions(source=str(source), out=Path(out), **options), log)
+    out = out if remote.is_remote(out) else Path(out)      # Path() would fold s3:// into s3:/
+    return prepare_with(PrepareOptions(source=str(source), out=out, **options), log)
 
 
 def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
+    if remote.is_remote(str(opts.out)):
+        return _prepare_remote(opts, log)
     _check_options(opts)
     source, out = opts.source, Path(opts.out)
     kind, path = sources.resolve(source, opts.cache_dir, opts.progress)
@@ -104,6 +109,21 @@ def _shard_sizes(options: dict, opts: PrepareOptions, by_split: dict) -> None:
     options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
     options["test_samples_per_shard"] = shards.eval_samples_per_shard(
         len(by_split["test"]), options["samples_per_shard"], opts.min_test_shards, opts.samples_per_shard is not None)
+
+
+def _prepare_remote(opts: PrepareOptions, log: Callable[[str], None]) -> dict:
+    """--out s3://...: the usual atomic build in a local folder (kept under TMPDIR, so a re-run with the same
+    input is up to date), then every shard and, last, the manifest uploaded with retries."""
+    url = str(opts.out).rstrip("/")
+    if not url.startswith("s3://"):
+        raise UsageError(f"--out {url}: only s3:// locations can be written; use a local folder and serve it")
+    local = Path(tempfile.gettempdir()) / "data_prep-out" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_with(dataclasses.replace(opts, out=local), log)
+    names = [s["name"] for split in manifest["splits"].values() for s in split["shards"]] + [MANIFEST]
+    remote.upload_folder(local, url, names)
+    log(f"data_prep: uploaded {len(names) - 1} shards and {MANIFEST} to {url}")
+    return manifest
 
 
 def _shard_size(options: dict, split: str) -> int:
