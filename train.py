@@ -36,6 +36,7 @@ from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest
 from finetune.loop import evaluate, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
+from finetune.remote import stage_data
 
 
 def run(cfg: Config) -> int:
@@ -83,7 +84,7 @@ def set_up(cfg: Config) -> Job:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
-    manifest = load_manifest(cfg.data)          # before anything is written: a bad --data leaves no run dir
+    manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
     who = distributed.describe(accelerator, cfg.run_dir())
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process)
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "

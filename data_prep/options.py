@@ -40,7 +40,8 @@ class PrepareOptions:
     source: str = _opt("'d2l' (download d2l's hotdog.zip into the cache), a .zip, or a folder: either train/ and "
                        "test/ with one subfolder per class, or class folders plus --test-fraction",
                        fingerprint=True, required=True)
-    out: str | Path = _opt("output folder (created atomically; replaced on rebuild)", required=True)
+    out: str | Path = _opt("output folder (created atomically; replaced on rebuild), or an s3:// location (built "
+                            "locally under TMPDIR, then uploaded, manifest last)", required=True)
     test_fraction: float | None = _opt("for a folder of class folders: put this fraction of each class in test "
                                        "(deterministic: a seeded hash of each file's path)",
                                        fingerprint=True, type=float, metavar="F")
@@ -50,6 +51,10 @@ class PrepareOptions:
         f"samples per shard (default: train count // {shards.MIN_TRAIN_SHARDS}, so at least "
         f"{shards.MIN_TRAIN_SHARDS} train shards, capped at {shards.MAX_SAMPLES_PER_SHARD})",
         fingerprint=True, type=positive_int, metavar="N")
+    min_test_shards: int | None = _opt(
+        f"make test shards small enough for at least N test shards (default: {shards.MIN_TEST_SHARDS}, or the "
+        f"--samples-per-shard size when that is given); evaluation reads whole shards per rank when there are "
+        f"at least as many as ranks", fingerprint=True, type=positive_int, metavar="N")
     max_side: int | None = _opt("downsize so the longer side is at most PX (re-encodes; never upscales)",
                                 fingerprint=True, type=positive_int, metavar="PX", group="size")
     shorter_side: int | None = _opt("downsize so the shorter side is at most PX (re-encodes; never upscales)",

@@ -16,12 +16,14 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import random
 import shutil
 import sys
+import tempfile
 from collections import defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,7 +34,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from . import __version__, shards, sources
+from . import __version__, remote, shards, sources
 from .errors import UsageError
 from .fsutil import atomic_output_dir, output_target
 from .images import EncodeOptions, Encoded, encode_file
@@ -60,10 +62,13 @@ def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] =
 
     Raises `UsageError` for anything the user has to fix; `out` is then left untouched.
     """
-    return prepare_with(PrepareOptions(source=str(source), out=Path(out), **options), log)
+    out = out if remote.is_remote(out) else Path(out)      # Path() would fold s3:// into s3:/
+    return prepare_with(PrepareOptions(source=str(source), out=out, **options), log)
 
 
 def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
+    if remote.is_remote(str(opts.out)):
+        return _prepare_remote(opts, log)
     _check_options(opts)
     source, out = opts.source, Path(opts.out)
     real_out = output_target(out)
@@ -92,11 +97,11 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
         _check_not_empty(records, layout.classes, len(skipped))
 
         by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
-        options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+        _shard_sizes(options, opts, by_split)
         with open(spool, "rb") as images:
             splits = {
                 split: shards.write_split(tmp, split, _stratified_shuffle(recs, opts.seed, split, images),
-                                          options["samples_per_shard"], len(layout.classes))
+                                          _shard_size(options, split), len(layout.classes))
                 for split, recs in by_split.items()
             }
         spool.unlink()
@@ -116,6 +121,33 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
             shutil.rmtree(tmp / "_extract")
     _report(out, manifest, log)
     return manifest
+
+
+def _shard_sizes(options: dict, opts: PrepareOptions, by_split: dict) -> None:
+    """Record the shard size of each split in `options` (docs/data.md, "How many shards")."""
+    options["samples_per_shard"] = opts.samples_per_shard or shards.default_samples_per_shard(len(by_split["train"]))
+    options["test_samples_per_shard"] = shards.eval_samples_per_shard(
+        len(by_split["test"]), options["samples_per_shard"], opts.min_test_shards, opts.samples_per_shard is not None)
+
+
+def _prepare_remote(opts: PrepareOptions, log: Callable[[str], None]) -> dict:
+    """--out s3://...: the usual atomic build in a local folder (kept under TMPDIR, so a re-run with the same
+    input is up to date), then every shard and, last, the manifest uploaded with retries."""
+    url = str(opts.out).rstrip("/")
+    if not url.startswith("s3://"):
+        raise UsageError(f"--out {url}: only s3:// locations can be written; use a local folder and serve it")
+    local = Path(tempfile.gettempdir()) / "data_prep-out" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    local.parent.mkdir(parents=True, exist_ok=True)
+    manifest = prepare_with(dataclasses.replace(opts, out=local), log)
+    names = [s["name"] for split in manifest["splits"].values() for s in split["shards"]] + [MANIFEST]
+    remote.upload_folder(local, url, names)
+    log(f"data_prep: uploaded {len(names) - 1} shards and {MANIFEST} to {url}")
+    return manifest
+
+
+def _shard_size(options: dict, split: str) -> int:
+    """Train uses samples_per_shard; evaluation splits (test, and any other) test_samples_per_shard."""
+    return options["samples_per_shard"] if split == "train" else options["test_samples_per_shard"]
 
 
 def _usable(records: list[_Record], skipped: list[dict], strict: bool) -> tuple[list[_Record], list[dict]]:
@@ -302,6 +334,11 @@ def _read_span(f, offset: int, length: int) -> bytes:
     return f.read(length)
 
 
+def _per_shard(options: dict) -> str:
+    train, test = options["samples_per_shard"], options.get("test_samples_per_shard", options["samples_per_shard"])
+    return str(train) if train == test else f"{train} + {test}"
+
+
 def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     """One summary line on stdout, plus a warning line per kind of problem on stderr."""
     train, test = manifest["splits"]["train"], manifest["splits"]["test"]
@@ -310,7 +347,7 @@ def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     log(
         f"data_prep: wrote {out}: {train['num_samples']} train + {test['num_samples']} test samples "
         f"in {len(train['shards'])} + {len(test['shards'])} shards "
-        f"({manifest['options']['samples_per_shard']} per shard), {len(manifest['classes'])} classes; "
+        f"({_per_shard(manifest['options'])} per shard), {len(manifest['classes'])} classes; "
         f"{len(skipped)} skipped, {len(duplicates)} duplicate group(s), {leaks} train/test leak(s)"
     )
     if skipped:

@@ -20,6 +20,9 @@ from .manifest import MANIFEST, file_sha256, read_manifest, shard_path
 # The default shard size aims for at least this many train shards: more shards than
 # ranks x dataloader workers keeps every consumer busy (see docs/data.md, "How many shards").
 MIN_TRAIN_SHARDS = 16
+# Evaluation reads whole shards per rank when a split has at least as many shards as ranks (one pass over
+# the test set in all), so the test split aims for at least this many shards by default (--min-test-shards).
+MIN_TEST_SHARDS = 16
 # ...but never more than this many samples per shard (about 100 MB of typical JPEGs), for big sets.
 MAX_SAMPLES_PER_SHARD = 1000
 TAR_MTIME = 0  # fixed tar header time, for byte-identical re-runs
@@ -31,6 +34,15 @@ Sample = tuple[str, int, "bytes | Callable[[], bytes]"]
 def default_samples_per_shard(num_train: int) -> int:
     """The largest shard size that still yields `MIN_TRAIN_SHARDS` train shards (2000 -> 125, 341 -> 21)."""
     return min(max(num_train // MIN_TRAIN_SHARDS, 1), MAX_SAMPLES_PER_SHARD)
+
+
+def eval_samples_per_shard(num_test: int, samples_per_shard: int, min_test_shards: int | None,
+                            explicit: bool) -> int:
+    """The test split's shard size: the train one, made smaller where needed for `min_test_shards` test
+    shards (default MIN_TEST_SHARDS). An explicit --samples-per-shard without --min-test-shards is kept as is."""
+    if explicit and min_test_shards is None:
+        return samples_per_shard
+    return min(samples_per_shard, max(num_test // (min_test_shards or MIN_TEST_SHARDS), 1))
 
 
 def shard_name(split: str, index: int) -> str:

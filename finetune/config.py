@@ -53,7 +53,11 @@ def _opt(help: str, *, type=None, choices=None, flag: str | None = None, default
 @dataclass
 class Config:
     # ---- data and run directory -------------------------------------------------------------------
-    data: str = _opt("shard directory with manifest.json, written by `python -m data_prep`", default="")
+    data: str = _opt("shard directory with manifest.json, written by `python -m data_prep`; or its http(s):// or "
+                     "s3:// location, staged once per node into --cache-dir (sha256-checked)", default="")
+    cache_dir: str = _opt("where a remote --data is staged (default: $TMPDIR/hotdog-shards)", default="")
+    cache_size_gb: float = _opt("cap on --cache-dir: older staged data sets are evicted to stay below it",
+                                type=_positive_float, default=100.0)
     name: str = _opt("run name; the run directory defaults to runs/<name>", default="hotdog-resnet18")
     output_dir: str = _opt("run directory (default: runs/<name> under the current directory)", default="")
     # ---- the d2l recipe ---------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ Design, in brief:
 - Training streams are infinite (resampled shards), so every rank can run exactly
   `train_samples // global_batch` steps: ranks never run out at different times, which is what hangs
   DDP when shards split unevenly.
-- Evaluation assigns each test sample to exactly one rank (global index modulo world size); the sums
-  are all-reduced by the caller and the total is checked against the manifest.
+- Evaluation assigns each test sample to exactly one rank: whole shards per rank when there are at least as
+  many shards as ranks (the ranks together read the split once), else global index modulo world size; the
+  sums are all-reduced by the caller and the total is checked against the manifest.
 """
 
 from __future__ import annotations
@@ -357,21 +358,35 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """Each test sample exactly once over all ranks: rank r takes global indices g with g % world == r
-    (and g < limit); within a rank, workers take disjoint shards. Yields (uint8 images, labels) batches of
+    """Each test sample exactly once over all ranks, reading as little as it can:
+    - by shard, when the split has at least as many shards as ranks: rank r reads shards j with
+      j % world == r, all of their samples (so the ranks together read the split once);
+    - by sample otherwise: every rank reads every shard and keeps global indices g with g % world == r.
+    Samples with g >= limit (when limit > 0) are left out either way; shards that start at or past the limit
+    are not opened. Within a rank, workers take disjoint shards. Yields (uint8 images, labels) batches of
     `batch`, the last one possibly smaller; the caller counts samples and checks the total."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, batch: int, preprocess: dict, limit: int):
         self.split, self.rank, self.world_size = split, rank, world_size
         self.batch, self.preprocess, self.limit = batch, preprocess, limit
 
+    @property
+    def by_shard(self) -> bool:
+        return len(self.split.shards) >= self.world_size
+
+    def shards(self, worker: int = 0, num_workers: int = 1) -> list[tuple[str, int]]:
+        """(url, offset) of the shards this rank's `worker` opens, in manifest order."""
+        pairs = [(u, o) for u, o in zip(self.split.urls, self.split.offsets) if not self.limit or o < self.limit]
+        if self.by_shard:
+            pairs = [p for j, p in enumerate(pairs) if j % self.world_size == self.rank]
+        return [p for j, p in enumerate(pairs) if j % num_workers == worker]
+
     def __iter__(self):
-        worker, num_workers = _worker()
-        mine = [(u, o) for j, (u, o) in enumerate(zip(self.split.urls, self.split.offsets))
-                if j % num_workers == worker]
+        mine = self.shards(*_worker())
+        keep_all = self.by_shard
         batch = []
         for g, sample in _indexed_samples([u for u, _ in mine], [o for _, o in mine]):
-            if g % self.world_size != self.rank or (self.limit and g >= self.limit):
+            if (not keep_all and g % self.world_size != self.rank) or (self.limit and g >= self.limit):
                 continue
             batch.append((eval_transform(decode(sample["jpg"]), self.preprocess), int(sample["cls"])))
             if len(batch) == self.batch:
