@@ -36,6 +36,7 @@ from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest
 from finetune.loop import evaluate, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
+from finetune.trackers import parse_log_with
 
 
 def run(cfg: Config) -> int:
@@ -48,6 +49,7 @@ def run(cfg: Config) -> int:
                                 cfg.to_dict())
     state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
+        job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         return EXIT_PREEMPTED
     finish(job, checkpointer.model, state, weights)
     return 0
@@ -83,7 +85,7 @@ def set_up(cfg: Config) -> Job:
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(cfg.data)          # before anything is written: a bad --data leaves no run dir
     who = distributed.describe(accelerator, cfg.run_dir())
-    monitor = Monitor(cfg.run_dir(), accelerator.is_main_process)
+    monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
     preprocess = preprocessing(cfg.arch, cfg.image_size)
@@ -173,6 +175,7 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
     state = checkpointer.restore(job.cfg.resume, log=job.monitor.print)
     if job.accelerator.is_main_process:
         save_config(job.cfg, job.run_dir / "config.yaml")
+    job.monitor.open(state.global_step, job.cfg.to_dict())      # trackers start where the checkpoint stands
     return state
 
 
