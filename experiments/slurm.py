@@ -42,25 +42,25 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     exit 2
 fi
 case "$SLURM_ARRAY_TASK_ID" in
-{cases}
+@CASES@
     *) echo "array.sh: no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2;;
 esac
-MAX_REQUEUES=${{MAX_REQUEUES:-20}}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
 PREEMPTED=0
 CHILD=""
-on_preempt() {{
+on_preempt() {
     [ "$PREEMPTED" = 1 ] && return
     PREEMPTED=1
     log "got SIGUSR1: asking train.py to checkpoint and stop"
     [ -n "$CHILD" ] && kill -s USR1 "$CHILD" 2>/dev/null || true
-}}
+}
 trap on_preempt USR1
 trap 'log "got SIGTERM: Slurm is ending the job"' TERM
 # Threads for this task's CPUs (torch would otherwise start one per CPU of the node).
-export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{SLURM_CPUS_PER_TASK:-1}}}} PYTHONUNBUFFERED=1
-log "run $NAME job ${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID restart ${{SLURM_RESTART_COUNT:-0}} on $(hostname)"
-echo "$ ${{CMD[*]}} --resume auto" >> "$LOG"
-"${{CMD[@]}}" --resume auto >> "$LOG" 2>&1 &
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1
+log "run $NAME job ${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID restart ${SLURM_RESTART_COUNT:-0} on $(hostname)"
+echo "$ ${CMD[*]} --resume auto" >> "$LOG"
+"${CMD[@]}" --resume auto >> "$LOG" 2>&1 &
 CHILD=$!
 while :; do
     rc=0
@@ -69,12 +69,12 @@ while :; do
 done
 if [ "$rc" = 0 ]; then log "run $NAME finished"; exit 0; fi
 if [ "$PREEMPTED" = 1 ] || [ "$rc" = 75 ]; then
-    if [ "${{SLURM_RESTART_COUNT:-0}}" -ge "$MAX_REQUEUES" ]; then
-        log "preempted (exit $rc) but restarted ${{SLURM_RESTART_COUNT:-0}} times already; not requeueing"
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+        log "preempted (exit $rc) but restarted ${SLURM_RESTART_COUNT:-0} times already; not requeueing"
         exit "$rc"
     fi
-    log "preempted (exit $rc); requeueing ${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID"
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID"
+    log "preempted (exit $rc); requeueing ${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID"
+    scontrol requeue "${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID"
     exit 0
 fi
 log "run $NAME failed (exit $rc); see $LOG"
@@ -104,7 +104,7 @@ def write_array_script(out: Path, runs: list[tuple[str, list[str]]], job_name: s
         f"CMD=({shlex.join(argv)});;" for i, (name, argv) in enumerate(runs))
     path = out / "slurm" / "array.sh"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(HEADER.format(job_name=job_name, logs=logs) + BODY.format(cases=cases))
+    path.write_text(HEADER.format(job_name=job_name, logs=logs) + BODY.replace("@CASES@", cases))
     path.chmod(0o755)
     return path
 

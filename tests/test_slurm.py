@@ -54,14 +54,15 @@ def _free_job_id_base(span: int = 20) -> int:
     return 1
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def local_cluster(tmp_path_factory, name: str = "cluster", gpus_per_node: int = 2):
+    """A started two-node cluster for a module fixture (yield from it); skips when none can start.
+    gpus_per_node=0: the nodes define no GPU gres at all."""
     reason = LocalSlurmCluster.unavailable_reason()
     if reason:
         _skip_or_fail(reason)
     # munge/slurmd sockets live under it: keep the path short (AF_UNIX paths are limited to 108 bytes).
-    work = tmp_path_factory.mktemp("cluster")
-    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=2, cpus_per_node=CPUS_PER_TASK,
+    work = tmp_path_factory.mktemp(name)
+    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=gpus_per_node, cpus_per_node=CPUS_PER_TASK,
                           first_job_id=_free_job_id_base(), task_plugin="task/affinity")
     try:
         c.start()
@@ -72,6 +73,11 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from local_cluster(tmp_path_factory)
 
 
 def _submit(cluster: LocalSlurmCluster, tmp: Path, train_args: list[str], env: dict | None = None,
@@ -254,7 +260,7 @@ def test_experiments_as_one_job_array_then_report(cluster, shards, tmp_path):
            "--variants", "finetune", "--seeds", "0,1", "--pretrained", "none", "--",
            "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--image-size", "32",
            "--workers", "0", "--precision", "no", "--eval-limit", "4"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.search(r"submitted job array (\d+) \(2 task\(s\)\)", proc.stdout)
     assert m, proc.stdout
@@ -271,7 +277,7 @@ def test_experiments_as_one_job_array_then_report(cluster, shards, tmp_path):
     except AssertionError as e:
         logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (out / "logs").glob("*"))
         raise AssertionError("%s\n%s\n%s" % (e, logs, cluster.logs(30))) from None
-    rep = subprocess.run([sys.executable, "-m", "experiments", "report", "--out", str(out)], cwd=tmp_path,
+    rep = subprocess.run([sys.executable, "-m", "experiments", "report", "--out", str(out)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stdout + rep.stderr
     results = json.loads((out / "results.json").read_text())

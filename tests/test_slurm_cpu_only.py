@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import LocalSlurmCluster, SlurmClusterError  # noqa: E402
-from test_slurm import CPUS_PER_TASK, SCRIPT, TRAIN_ARGS, _free_job_id_base, _report, _skip_or_fail  # noqa: E402
+from slurm_cluster import SlurmClusterError  # noqa: E402
+from test_slurm import CPUS_PER_TASK, SCRIPT, TRAIN_ARGS, _report, local_cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -26,21 +26,7 @@ CPU_ONLY_FIT = ["--gpus-per-node=0", "--cpus-per-task=%d" % CPUS_PER_TASK]
 
 @pytest.fixture(scope="module")
 def cpu_cluster(tmp_path_factory):
-    reason = LocalSlurmCluster.unavailable_reason()
-    if reason:
-        _skip_or_fail(reason)
-    c = LocalSlurmCluster(tmp_path_factory.mktemp("cpucluster"), num_nodes=2, gpus_per_node=0,
-                          cpus_per_node=CPUS_PER_TASK, first_job_id=_free_job_id_base(),
-                          task_plugin="task/affinity")
-    try:
-        c.start()
-    except Exception as e:  # noqa: BLE001
-        c.stop()
-        _skip_or_fail("could not start the local Slurm cluster: %s" % e)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from local_cluster(tmp_path_factory, "cpucluster", gpus_per_node=0)
 
 
 def _env(tmp_path):
