@@ -37,6 +37,7 @@ from finetune.loop import evaluate, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
 from finetune.remote import stage_data
+from finetune.trackers import parse_log_with
 
 
 def run(cfg: Config) -> int:
@@ -49,7 +50,7 @@ def run(cfg: Config) -> int:
                                 cfg.to_dict())
     state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
-        job.monitor.close()
+        job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         job.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
     finish(job, checkpointer.model, state, weights)
@@ -86,7 +87,7 @@ def set_up(cfg: Config) -> Job:
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
     who = distributed.describe(accelerator, cfg.run_dir())
-    monitor = Monitor(cfg.run_dir(), accelerator.is_main_process)
+    monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
     preprocess = preprocessing(cfg.arch, cfg.image_size)
@@ -176,6 +177,7 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
     state = checkpointer.restore(job.cfg.resume, log=job.monitor.print)
     if job.accelerator.is_main_process:
         save_config(job.cfg, job.run_dir / "config.yaml")
+    job.monitor.open(state.global_step, job.cfg.to_dict())      # trackers start where the checkpoint stands
     return state
 
 

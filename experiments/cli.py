@@ -20,7 +20,7 @@ from pathlib import Path
 
 from finetune import UsageError, cli_main
 
-from . import plan, report
+from . import plan, report, slurm
 from .run import launcher_argv, prepare_out, run_variant, summarize_metrics
 
 
@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the mean and a 95%% interval over them (e.g. 0,1,2; overrides --seed)")
     c.add_argument("--launcher", default="python",
                    help="how to start train.py: 'python' (this interpreter), or e.g. 'accelerate launch "
-                        "--num_processes 4' or 'torchrun --nproc_per_node 8'")
+                        "--num_processes 4' or 'torchrun --nproc_per_node 8'; 'slurm': submit every run as one "
+                        "Slurm job array (one task per run, requeued on preemption) and return; gather the table "
+                        "later with `python -m experiments report --out OUT`")
+    c.add_argument("--sbatch-args", default="",
+                   help="with --launcher slurm: extra sbatch options for the job array, e.g. \"--partition gpu "
+                        "--time 02:00:00\", or on a CPU-only cluster \"--gpus-per-node=0 --cpus-per-task=4\"")
     c.add_argument("--overwrite", action="store_true", help="replace run directories of an earlier comparison")
     c.add_argument("--dry-run", action="store_true", help="print the train.py commands and stop")
     c.add_argument("--quiet", action="store_true", help="do not echo train.py's output (it is in OUT/logs/)")
@@ -89,6 +94,8 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
                    weights_value=p.weights.value, weights_source=p.weights.source, weights_note=p.weights.note,
                    seed=p.seeds[0], seeds=p.seeds, train_args=train_args, launcher=args.launcher, machine=_machine(),
                    started=time.strftime("%Y-%m-%d %H:%M:%S"), variants=[])
+    if args.launcher.strip() == slurm.LAUNCHER:
+        return submit_array(p, results, slurm.parse_sbatch_args(args.sbatch_args))
     interrupted = run_all(p, results["variants"], results, quiet=args.quiet)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report.write_all(results, p.out)
@@ -110,7 +117,10 @@ def make_plan(args, train_args: list[str]) -> Plan:
     variants = plan.with_seeds(plan.build_variants(groups, weights, plan.parse_floats(args.lrs, "--lrs"),
                                                    plan.parse_floats(args.scratch_lrs, "--scratch-lrs")), seeds)
     common = ["--data", data, *train_args]
-    launch = launcher_argv(args.launcher)
+    if args.launcher.strip() == slurm.LAUNCHER:
+        slurm.check_available()
+        slurm.parse_sbatch_args(args.sbatch_args)
+    launch = launcher_argv("python" if args.launcher.strip() == slurm.LAUNCHER else args.launcher)
     if shutil.which(launch[0]) is None:
         raise UsageError(f"--launcher {args.launcher}: {launch[0]} not found (is it installed / on PATH?)")
     argvs = {v.name: launch + common + ["--output-dir", str(out / v.name)] + v.flags for v in variants}
@@ -156,6 +166,32 @@ def run_all(p: Plan, rows: list[dict], results: dict, *, quiet: bool) -> bool:
         signal.signal(signal.SIGTERM, old_term)
 
 
+def submit_array(p: Plan, results: dict, sbatch_args: list[str]) -> int:
+    """--launcher slurm: every run that is not skipped becomes one task of one job array; results.json lists
+    them as submitted (report fills in the rest)."""
+    runs = [v for v in p.variants if not v.skip]
+    rows = [dict(name=v.name, group=v.group, what=v.what, flags=v.flags, **v.extra,
+                 **(dict(status="skipped", reason=v.skip) if v.skip else
+                    dict(status="submitted", reason="queued", argv=p.argvs[v.name], run_dir=str(p.out / v.name),
+                         log=str(p.out / "logs" / f"{v.name}.log"))))
+            for v in p.variants]
+    if not runs:
+        results["variants"] = rows
+        report.write_all(results, p.out)
+        print("experiments: nothing to submit (every variant was skipped)", flush=True)
+        return 0
+    script = slurm.write_array_script(p.out, [(v.name, p.argvs[v.name]) for v in runs])
+    job, cmd = slurm.submit(script, len(runs), sbatch_args)
+    for i, v in enumerate(runs):
+        next(r for r in rows if r["name"] == v.name).update(slurm_task=f"{job}_{i}", reason=f"job array {job}")
+    results.update(variants=rows, slurm=dict(job_id=job, tasks=len(runs), script=str(script), sbatch=cmd))
+    report.write_all(results, p.out)
+    print(f"experiments: submitted job array {job} ({len(runs)} task(s)): {shlex.join(cmd)}\n"
+          f"experiments: logs in {p.out / 'logs'}; when the tasks are done: "
+          f"python -m experiments report --out {p.out}", flush=True)
+    return 0
+
+
 def _print_row(name: str, row: dict) -> None:
     if row["status"] == "ok":
         print(f"experiments: {name}: final test acc {row['final_test_acc']:.3f}, best "
@@ -187,12 +223,32 @@ def rerender(args) -> int:
         results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{out / 'results.json'}: cannot read it ({e})") from None
+    array = results.get("slurm")
+    waiting = slurm.unfinished_tasks(array["job_id"]) if array else 0
     for row in results["variants"]:
-        if row["status"] in ("ok", "failed") and row.get("run_dir"):
+        if row["status"] in ("ok", "failed", "submitted") and row.get("run_dir"):
             row.update(summarize_metrics(Path(row["run_dir"])))
+        if array and row.get("slurm_task"):
+            row.update(_array_status(row, waiting))
     report.write_all(results, out)
     print(f"experiments: wrote {out / 'results.md'} and {out / 'test_acc.png'}")
+    pending = [r["name"] for r in results["variants"] if r["status"] == "submitted"]
+    if pending:
+        print(f"experiments: {len(pending)} run(s) of job array {array['job_id']} not finished yet: "
+              f"{', '.join(pending)}; run report again when they are", flush=True)
     return 0
+
+
+def _array_status(row: dict, waiting: int | None) -> dict:
+    """A job-array run's status from its run directory and the queue: ok once train.py wrote its final
+    metrics; while the array still has tasks in the queue (or squeue cannot tell), submitted; else failed."""
+    if row.get("complete"):
+        return dict(status="ok", reason="")
+    if waiting is None or waiting > 0:
+        return dict(status="submitted", reason=f"queued or running (task {row['slurm_task']})")
+    from .run import _last_line
+    return dict(status="failed", reason="job array finished without final metrics: " +
+                (_last_line(Path(row["log"])) or "no output"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,11 +31,27 @@ class PreemptionFlag:
                 raise UsageError(f"--preempt-signals: unknown signal '{name}'")
             signal.signal(sig, self._handler)
 
-        self.stopping = False       # set by stop_now(): every rank agreed to stop
+        self.stopping = False       # set by stop_now() / poll(): every rank agreed to stop
+        self._vote = None           # distributed.AsyncVote of poll()
 
     def _handler(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def poll(self, device: torch.device) -> bool:
+        """Per step, without blocking the host on the device: starts this step's vote and returns True on
+        every rank -- at the same step -- once the vote of the previous step found a signal on any rank
+        (distributed.AsyncVote). Call settle() after the last step."""
+        if self._vote is None:
+            self._vote = distributed.AsyncVote(device)
+        self.stopping = self._vote.vote(self.requested) or self.stopping
+        return self.stopping
+
+    def settle(self) -> bool:
+        """Wait for the vote still in flight (an epoch's last step); True if it found a signal."""
+        if self._vote is not None:
+            self.stopping = self._vote.settle() or self.stopping
+        return self.stopping
 
     def stop_now(self, device: torch.device) -> bool:
         """True on every rank if any rank was asked to stop (one tiny all-reduce); remembered in .stopping."""

@@ -13,6 +13,7 @@ import yaml
 
 from . import UsageError, atomic_write_text
 from .arch import check_name as check_arch
+from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 
@@ -126,6 +127,10 @@ class Config:
                                     type=_nonneg_int, default=0)
     eval_limit: int = _opt("evaluate only the first N test samples (0: all)", type=_nonneg_int, default=0)
     log_every: int = _opt("log train loss/acc to TensorBoard every N steps", type=_positive_int, default=10)
+    log_with: str = _opt("comma-separated experiment trackers: tensorboard (RUN_DIR/tb), mlflow "
+                         "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_MODE, WANDB_PROJECT); their "
+                         "run ids are kept in RUN_DIR/trackers.json so a resumed or requeued job continues the "
+                         "same run", default="tensorboard")
     timing_warmup: int = _opt("steps at the start of each epoch left out of examples/sec", type=_nonneg_int,
                               default=2)
     seed: int = _opt("random seed (model head, data order, augmentation)", type=int, default=0)
@@ -241,6 +246,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         prefix, _, num = cfg.head_init.partition(":")
         if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
             parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
+    parse_log_with(cfg.log_with)     # a UsageError (one line, exit 2) before anything is written
     try:
         check_arch(cfg.arch)
     except UsageError as e:

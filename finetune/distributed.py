@@ -258,3 +258,52 @@ def configure_backends(device: torch.device, debug: bool) -> None:
         torch.backends.cudnn.benchmark = not debug
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+class AsyncVote:
+    """'Did any rank get a preemption signal?' without blocking the host on the device every step.
+
+    vote(flag) at step k starts an all-reduce (MAX) of this rank's flag with async_op=True and, on CUDA,
+    queues a non-blocking copy of the result into pinned host memory plus an event; it returns the result of
+    the vote started at step k-1, waiting only for *that* event -- by then the device has long finished step
+    k-1 while step k is already queued, so the host stays one step ahead. Every rank reads the same reduced
+    value at the same step, so all ranks stop after the same step (one step after the signal was seen).
+    settle() waits for the last vote (at an epoch's end)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._host = None           # one pinned host number the result is copied into (CUDA)
+        self._pending = None        # (work or None, reduced tensor, event or None)
+
+    def vote(self, flag: bool) -> bool:
+        previous = self.settle()
+        t = torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device)
+        work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        event = None
+        if self.cuda:
+            if work is not None:
+                work.wait()                 # on CUDA: the current stream waits for NCCL; the host does not
+                work = None
+            if self._host is None:
+                self._host = torch.empty(1, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (work, t, event)
+        return previous
+
+    def settle(self) -> bool:
+        """The result of the vote in flight (False when none), waiting for it."""
+        if self._pending is None:
+            return False
+        work, t, event = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()             # waits for that step's event only, not for work queued after it
+            return bool(self._host[0] > 0)
+        return bool(t[0] > 0)

@@ -3,8 +3,9 @@ Checkpointer), and an exact-once evaluation. Returns metrics only; where trainin
 
 from __future__ import annotations
 
+import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,13 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     distributed.relaxed()            # the first step may compile / autotune: a long wait is no dead rank
     timer.start()
     for step in range(start, steps):
-        set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
-        optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
-                       normalize=normalize, timer=timer, scale=scale)
-        state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
-        note_skipped_step(state, accelerator, monitor)
-        timer.step_done()
+        with sync_debug(accelerator.device, step - start):
+            set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
+            optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
+                           normalize=normalize, timer=timer, scale=scale)
+            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+            note_skipped_step(state, accelerator, monitor)
+            timer.step_done()
         bar.update(1)
         if step == start:
             distributed.steady()     # past the first step (compilation, autotuning): hung ranks fail fast
@@ -61,11 +63,36 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
             monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, state.global_step)
         if cfg.save_every and state.global_step % cfg.save_every == 0 and step + 1 < steps:
             checkpointer.save(state)
-        # One tiny all-reduce per step: every rank learns whether any rank was asked to stop.
-        if preempt.stop_now(accelerator.device):
+        # One tiny asynchronous all-reduce per step: every rank learns, one step later and all at the same
+        # step, whether any rank was asked to stop (no host-device sync in the step).
+        with sync_debug(accelerator.device, step - start):
+            stop = preempt.poll(accelerator.device)
+        if stop:
             break
+    preempt.settle()
     bar.close()
     return epoch_metrics(state.sums, timer, epoch_start, cfg.batch_size, accelerator)
+
+
+def sync_debug(device: torch.device, step_in_run: int):
+    """FINETUNE_SYNC_DEBUG=error|warn (CUDA only): torch.cuda.set_sync_debug_mode inside the step, so any
+    implicit host-device synchronisation there raises (or warns). The first 2 steps of each epoch (cudnn
+    autotuning, DDP bucket set-up) and the --log-every / --save-every work between steps are left out.
+    The GPU test and bench/gpu_check.sh use it; fp16's GradScaler reads its inf check back on purpose."""
+    mode = os.environ.get("FINETUNE_SYNC_DEBUG", "")
+    if device.type != "cuda" or mode not in ("error", "warn") or step_in_run < 2:
+        return nullcontext()
+    return _sync_debug_mode(mode)
+
+
+@contextmanager
+def _sync_debug_mode(mode: str):
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
 
 
 def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accelerator, normalize, timer,

@@ -15,46 +15,104 @@ from . import atomic_write_text
 
 class StepTimer:
     """Splits each step's wall time into waiting for data and computing. The first `warmup` steps of an
-    epoch (worker start-up, cudnn autotuning, compilation) are left out of the rates."""
+    epoch (worker start-up, cudnn autotuning, compilation) are left out of the rates.
+
+    On the CPU, perf_counter. On a GPU the host runs ahead of the device, so host clocks would bill the
+    device's backlog to whatever the host waits on next -- and synchronising every step to avoid that
+    would stall the pipeline. Instead each step records CUDA events (compute: from the first micro-batch in
+    hand to the end of the step; wall: step end to step end) and they are read once, when the epoch's
+    rates are asked for (`data` / `compute`)."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
-        self.data = self.compute = 0.0
+        self.cuda = device.type == "cuda"
+        self._data = self._compute = 0.0
         self.steps = 0
         self.seen = 0
         self._t = None
+        self._events = []           # CUDA: (compute start, step end) of every counted step
+        self._first = None          # CUDA: the event ending the last warm-up step (the counted wall's start)
+        self._started = None
 
     def start(self):
         self._t = time.perf_counter()
         self._data_dt = 0.0
+        if self.cuda:
+            self._first = torch.cuda.Event(enable_timing=True)
+            self._first.record()
 
     def fetch(self, iterator):
         """next(iterator), timed as data wait."""
         t = time.perf_counter()
         item = next(iterator)
         self._data_dt += time.perf_counter() - t
+        if self.cuda and self._started is None:
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
         return item
 
     def step_done(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)   # otherwise the GPU's backlog is billed to the next data wait
+        self.seen += 1
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if self.seen > self.warmup:
+                self._events.append((self._started or end, end))
+                self.steps += 1
+            else:
+                self._first = end
+            self._started = None
+            return
         now = time.perf_counter()
         total, self._t = now - self._t, now
-        self.seen += 1
         if self.seen > self.warmup:
-            self.data += self._data_dt
-            self.compute += total - self._data_dt
+            self._data += self._data_dt
+            self._compute += total - self._data_dt
             self.steps += 1
         self._data_dt = 0.0
 
+    def _resolve(self):
+        """CUDA: turn the recorded events into seconds (waits for the last one: once per epoch)."""
+        if not self.cuda or not self._events:
+            return
+        self._events[-1][1].synchronize()
+        wall = self._first.elapsed_time(self._events[-1][1]) / 1000
+        compute = sum(a.elapsed_time(b) for a, b in self._events) / 1000
+        self._compute, self._data = compute, max(0.0, wall - compute)
+        self._events, self._first = [], self._events[-1][1]
+
+    @property
+    def data(self) -> float:
+        self._resolve()
+        return self._data
+
+    @property
+    def compute(self) -> float:
+        self._resolve()
+        return self._compute
+
 
 class Monitor:
-    def __init__(self, run_dir: Path, is_main: bool):
+    """Console lines from the start; the trackers (TensorBoard, and --log-with's others, finetune/trackers.py)
+    from open() on, once the run knows the step it resumes from."""
+
+    def __init__(self, run_dir: Path, is_main: bool, log_with: tuple[str, ...] = ("tensorboard",)):
+        from .trackers import Trackers
         self.run_dir, self.is_main = run_dir, is_main
+        self.tensorboard = is_main and "tensorboard" in log_with
         self.writer = None
-        if is_main:
+        self.trackers = Trackers(log_with, run_dir, is_main)
+
+    def open(self, global_step: int, config: dict) -> None:
+        """Start the trackers at `global_step` (0: a fresh run). On a resume, TensorBoard gets
+        purge_step = global_step + 1: whatever an earlier run logged after the checkpoint it resumes from
+        (step > global_step; everything up to it was logged before that checkpoint was saved) is dropped
+        by TensorBoard's readers, so the curves have no repeated or out-of-order steps."""
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"),
+                                        purge_step=global_step + 1 if global_step else None)
+        self.trackers.start(config, global_step)
 
     def print(self, *args, **kw):
         """Once per job: the global main process (accelerator.print would print once per node)."""
@@ -65,6 +123,7 @@ class Monitor:
         if self.writer:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        self.trackers.log(values, step)
 
     def epoch_end(self, record: dict, optimizer, step: int, devices: list[str]):
         """TensorBoard scalars of one epoch and the d2l-style console lines."""
@@ -85,6 +144,7 @@ class Monitor:
 
     def hparams(self, hparams: dict, metrics: dict):
         """hparams with final metrics, in the run's own event directory (TensorBoard's HPARAMS tab)."""
+        self.trackers.log(metrics, None)
         if not self.writer:
             return
         from torch.utils.tensorboard.summary import hparams as hp_summary
@@ -103,3 +163,5 @@ class Monitor:
     def close(self):
         if self.writer:
             self.writer.close()
+            self.writer = None
+        self.trackers.finish()

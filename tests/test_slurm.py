@@ -54,14 +54,15 @@ def _free_job_id_base(span: int = 20) -> int:
     return 1
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def local_cluster(tmp_path_factory, name: str = "cluster", gpus_per_node: int = 2):
+    """A started two-node cluster for a module fixture (yield from it); skips when none can start.
+    gpus_per_node=0: the nodes define no GPU gres at all."""
     reason = LocalSlurmCluster.unavailable_reason()
     if reason:
         _skip_or_fail(reason)
     # munge/slurmd sockets live under it: keep the path short (AF_UNIX paths are limited to 108 bytes).
-    work = tmp_path_factory.mktemp("cluster")
-    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=2, cpus_per_node=CPUS_PER_TASK,
+    work = tmp_path_factory.mktemp(name)
+    c = LocalSlurmCluster(work, num_nodes=2, gpus_per_node=gpus_per_node, cpus_per_node=CPUS_PER_TASK,
                           first_job_id=_free_job_id_base(), task_plugin="task/affinity")
     try:
         c.start()
@@ -72,6 +73,11 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from local_cluster(tmp_path_factory)
 
 
 def _submit(cluster: LocalSlurmCluster, tmp: Path, train_args: list[str], env: dict | None = None,
@@ -232,3 +238,53 @@ def test_sbatch_header_keeps_gpu_defaults():
     assert "requeue" in header and header["open-mode"] == "append"
     assert header["output"] and header["time"]
     subprocess.run([shutil.which("bash") or "/bin/bash", "-n", str(SCRIPT)], check=True)
+
+
+def _wait_array_done(cluster: LocalSlurmCluster, job: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = cluster.run(["squeue", "-h", "-r", "-j", str(job), "-o", "%i %T"], check=False)
+        if res.returncode == 0 and not res.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError("job array %d not done after %.0fs" % (job, timeout))
+
+
+def test_experiments_as_one_job_array_then_report(cluster, shards, tmp_path):
+    """`compare --launcher slurm` submits variant x seed runs as ONE job array (one sbatch, one job id,
+    one task per run) and returns; `report` gathers the table once the tasks are done."""
+    out = tmp_path / "cmp"
+    env = {**cluster.env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "experiments", "compare", "--data", str(shards), "--out", str(out),
+           "--launcher", "slurm", "--sbatch-args", "--gpus-per-node=1 --cpus-per-task=1",
+           "--variants", "finetune", "--seeds", "0,1", "--pretrained", "none", "--",
+           "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--image-size", "32",
+           "--workers", "0", "--precision", "no", "--eval-limit", "4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"submitted job array (\d+) \(2 task\(s\)\)", proc.stdout)
+    assert m, proc.stdout
+    job = int(m.group(1))
+    results = json.loads((out / "results.json").read_text())
+    assert results["slurm"]["job_id"] == job
+    assert {r["name"]: r["status"] for r in results["variants"]} == {"finetune-s0": "submitted",
+                                                                     "finetune-s1": "submitted"}
+    # One array: every task has the array's job id.
+    tasks = cluster.run(["squeue", "-h", "-r", "-j", str(job), "-o", "%F %K"], check=False).stdout.split("\n")
+    assert all(line.split()[0] == str(job) for line in tasks if line.strip()), tasks
+    try:
+        _wait_array_done(cluster, job, 400)
+    except AssertionError as e:
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (out / "logs").glob("*"))
+        raise AssertionError("%s\n%s\n%s" % (e, logs, cluster.logs(30))) from None
+    rep = subprocess.run([sys.executable, "-m", "experiments", "report", "--out", str(out)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    results = json.loads((out / "results.json").read_text())
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (out / "logs").glob("*"))
+    assert {r["name"]: r["status"] for r in results["variants"]} == {"finetune-s0": "ok", "finetune-s1": "ok"}, logs
+    md = (out / "results.md").read_text()
+    assert "Mean over seeds 0, 1" in md and "| finetune-s0 |" in md and "| finetune-s1 |" in md
+    for name in ("finetune-s0", "finetune-s1"):
+        assert "--resume auto" in (out / "logs" / f"{name}.log").read_text()
+        assert (out / name / "model.pt").exists()
