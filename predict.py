@@ -138,11 +138,16 @@ def batches(images: list[Path], spec: dict, batch_size: int, on_error):
 
 @torch.inference_mode()
 def predict(model, normalize: DeviceNormalizer, classes: list[str], images: list[Path], spec: dict, batch_size: int,
-            top_k: int, on_error):
-    """Yields (path, [(label, probability)] * top_k) per readable image, in input order."""
+            top_k: int, on_error, tta: str = "none"):
+    """Yields (path, [(label, probability)] * top_k) per readable image, in input order. tta="flip": the
+    probabilities are the mean of the image's and its mirror's (train.py --tta flip)."""
     k = min(top_k, len(classes))
     for paths, batch in batches(images, spec, batch_size, on_error):
-        probs = torch.softmax(model(normalize(batch)[0]).float(), dim=1).cpu()
+        x = normalize(batch)[0]
+        probs = torch.softmax(model(x).float(), dim=1)
+        if tta == "flip":
+            probs = (probs + torch.softmax(model(x.flip(3)).float(), dim=1)) / 2
+        probs = probs.cpu()
         values, indices = probs.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
             yield path, [(classes[i], v) for i, v in zip(idxs, vals)]
@@ -165,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--top-k", type=int, default=1, help="print the K most likely labels (default: 1)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average each image's and its mirror's probabilities (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated")
     p.add_argument("--score", action="store_true",
                    help="when an image's folder is named like a class (d2l layout: .../hotdog/x.jpg), print "
@@ -196,7 +203,8 @@ def label_images(args) -> int:
     # The run's own normalisation (model.pt records mean/std); channels_last where it pays, on the GPU.
     normalize = DeviceNormalizer(device, device.type == "cuda", mean=spec["mean"], std=spec["std"])
     labelled = correct = scored = 0
-    for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error):
+    for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error,
+                             args.tta):
         labelled += 1
         if args.json:
             print(json.dumps(dict(path=str(path), label=top[0][0], probability=round(top[0][1], 6),
