@@ -1,8 +1,9 @@
-"""Classify images with a trained run's model.pt, using the run's own eval preprocessing.
+"""Classify images with a trained run's model.pt (or its export), using the run's own eval preprocessing.
 
     python predict.py --model runs/hotdog-resnet18/model.pt photo.jpg more/photos/
     python predict.py --model runs/hotdog-resnet18/model.pt --top-k 2 --json photos/ > predictions.jsonl
     python predict.py --model runs/hotdog-resnet18/model.pt --score ../shared/data/hotdog-mini/test
+    python predict.py --model runs/hotdog-resnet18/model.onnx photo.jpg     # python -m finetune.export's file
 
 Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case); files named on the
 command line are tried whatever their extension. Output, one line per image, in input order:
@@ -11,8 +12,9 @@ command line are tried whatever their extension. Output, one line per image, in 
     {"path": ..., "label": ..., "probability": ..., "top": [{"label": ..., "probability": ...}, ...]}   (--json)
 
 The eval preprocessing is the one model.pt records (`preprocess`: resize to [H, W], centre crop, normalise with
-mean/std), i.e. what train.py evaluated with. An image that cannot be read is reported on stderr, naming the
-file, and the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
+mean/std), i.e. what train.py evaluated with; an exported model.onnx / model.ts carries the same spec in its
+metadata and runs on the CPU with onnxruntime / torch.jit. An image that cannot be read is reported on stderr,
+naming the file, and the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
 path does not exist), 2 usage error (no/unloadable model file, no images found, --device cuda without a GPU).
 """
 
@@ -36,36 +38,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # Model
 # ------------------------------------------------------------------------------------------------------
 def load_model(path: str, device: torch.device):
-    """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec). The architecture is
-    the one model.pt names (train.py --arch), built without weights, its head sized to the classes."""
-    from finetune.arch import create, find_head, replace_head
-    if not os.path.isfile(path):
-        raise UsageError(f"--model {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
-        import pickle
-        why = ("not a PyTorch file that loads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
-               else (str(e).strip().splitlines() or [""])[0][:120])
-        raise UsageError(f"--model {path}: not a loadable model.pt ({type(e).__name__}: {why})") from None
-    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise UsageError(f"--model {path}: not a train.py model.pt (missing {', '.join(missing)})")
-    arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
-    try:
-        model = create(arch)
-    except UsageError as e:
-        raise UsageError(f"--model {path}: {e}") from None
-    replace_head(model, find_head(model), len(classes))
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as e:
-        raise UsageError(f"--model {path}: weights do not fit {arch} with {len(classes)} classes "
-                         f"({str(e).splitlines()[0][:120]})") from None
-    model.eval().to(device)
+    """model.pt, or a file written by `python -m finetune.export` (.onnx / .ts, told apart by extension, else by
+    content) -> (model in eval mode, classes, preprocess spec). model.pt: the architecture it names (train.py
+    --arch), built without weights, its head sized to the classes, on `device`. An exported file runs with its
+    own runtime on the CPU (onnxruntime / torch.jit); classes and preprocessing come from its metadata."""
+    from finetune.export import Exported, detect_format
+    from finetune.model import load_trained
+    if os.path.isfile(path) and detect_format(path) != "model.pt":
+        exported = Exported(path)
+        return exported, list(exported.meta["classes"]), dict(exported.meta["preprocess"])
+    model, saved = load_trained(path, flag="--model")
+    model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model, classes, dict(saved["preprocess"])
+    return model, list(saved["classes"]), dict(saved["preprocess"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -166,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Exit codes: 0 all labelled, 1 some images unreadable (the rest labelled), "
                                        "2 usage error.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="a run's model.pt (written by train.py)")
+    p.add_argument("--model", required=True,
+                   help="a run's model.pt (written by train.py), or its model.onnx / model.ts (finetune.export)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--top-k", type=int, default=1, help="print the K most likely labels (default: 1)")
@@ -194,6 +181,8 @@ def label_images(args) -> int:
 
     device = pick_device(args.device)
     model, classes, spec = load_model(args.model, device)
+    if not isinstance(model, torch.nn.Module):
+        device = torch.device("cpu")     # an exported file (finetune.export) runs on the CPU
     images, problems = find_images(args.paths)
     for path, reason in problems:
         on_error(path, reason)
