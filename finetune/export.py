@@ -60,8 +60,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "torchscript" if any(n.endswith("/constants.pkl") or "/code/" in n for n in names) else "model.pt"
     try:                                              # an ONNX protobuf without the .onnx name?
         import onnx
-        onnx.load(str(path), load_external_data=False)
-        return "onnx"
+        # protobuf parses almost anything (an empty file too): an ONNX model must have graph nodes
+        return "onnx" if len(onnx.load(str(path), load_external_data=False).graph.node) else "model.pt"
     except Exception:  # noqa: BLE001 -- not ONNX either: let the model.pt reader say what is wrong
         return "model.pt"
 
