@@ -1,8 +1,9 @@
-"""Classify images with a trained run's model.pt, using the run's own eval preprocessing.
+"""Classify images with a trained run's model.pt (or its export), using the run's own eval preprocessing.
 
     python predict.py --model runs/hotdog-resnet18/model.pt photo.jpg more/photos/
     python predict.py --model runs/hotdog-resnet18/model.pt --top-k 2 --json photos/ > predictions.jsonl
     python predict.py --model runs/hotdog-resnet18/model.pt --score ../shared/data/hotdog-mini/test
+    python predict.py --model runs/hotdog-resnet18/model.onnx photo.jpg     # python -m finetune.export's file
 
 Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case); files named on the
 command line are tried whatever their extension. Output, one line per image, in input order:
@@ -11,10 +12,11 @@ command line are tried whatever their extension. Output, one line per image, in 
     {"path": ..., "label": ..., "probability": ..., "top": [{"label": ..., "probability": ...}, ...]}   (--json)
 
 The eval preprocessing is the one model.pt records (`preprocess`: resize to [H, W], centre crop, normalise with
-mean/std), i.e. what train.py evaluated with. Images are read as data_prep reads them (data_prep.images: the
-same pixel limit, 16-bit and float images scaled to 8 bits, transparency onto white). An image that cannot be
-read, or is over the pixel limit, is reported on stderr in one line naming the file, and the others are still
-labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
+mean/std), i.e. what train.py evaluated with; an exported model.onnx / model.ts carries the same spec in its
+metadata and runs on the CPU with onnxruntime / torch.jit. Images are read as data_prep reads them
+(data_prep.images: the same pixel limit, 16-bit and float images scaled to 8 bits, transparency onto white). An
+image that cannot be read, or is over the pixel limit, is reported on stderr in one line naming the file, and
+the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
 path does not exist), 2 usage error (no/unloadable model file, no images found, --device cuda without a GPU).
 """
 
@@ -38,36 +40,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # Model
 # ------------------------------------------------------------------------------------------------------
 def load_model(path: str, device: torch.device):
-    """model.pt (weights_only) -> (model in eval mode on device, classes, preprocess spec). The architecture is
-    the one model.pt names (train.py --arch), built without weights, its head sized to the classes."""
-    from finetune.arch import create, find_head, replace_head
-    if not os.path.isfile(path):
-        raise UsageError(f"--model {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
-        import pickle
-        why = ("not a PyTorch file that loads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
-               else (str(e).strip().splitlines() or [""])[0][:120])
-        raise UsageError(f"--model {path}: not a loadable model.pt ({type(e).__name__}: {why})") from None
-    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise UsageError(f"--model {path}: not a train.py model.pt (missing {', '.join(missing)})")
-    arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
-    try:
-        model = create(arch)
-    except UsageError as e:
-        raise UsageError(f"--model {path}: {e}") from None
-    replace_head(model, find_head(model), len(classes))
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as e:
-        raise UsageError(f"--model {path}: weights do not fit {arch} with {len(classes)} classes "
-                         f"({str(e).splitlines()[0][:120]})") from None
-    model.eval().to(device)
+    """model.pt, or a file written by `python -m finetune.export` (.onnx / .ts, told apart by extension, else by
+    content) -> (model in eval mode, classes, preprocess spec). model.pt: the architecture it names (train.py
+    --arch), built without weights, its head sized to the classes, on `device`. An exported file runs with its
+    own runtime on the CPU (onnxruntime / torch.jit); classes and preprocessing come from its metadata."""
+    from finetune.export import Exported, detect_format
+    from finetune.model import load_trained
+    if os.path.isfile(path) and detect_format(path) != "model.pt":
+        exported = Exported(path)
+        return exported, list(exported.meta["classes"]), dict(exported.meta["preprocess"])
+    model, saved = load_trained(path, flag="--model")
+    model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model, classes, dict(saved["preprocess"])
+    return model, list(saved["classes"]), dict(saved["preprocess"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -140,11 +126,16 @@ def batches(images: list[Path], spec: dict, batch_size: int, on_error):
 
 @torch.inference_mode()
 def predict(model, normalize: DeviceNormalizer, classes: list[str], images: list[Path], spec: dict, batch_size: int,
-            top_k: int, on_error):
-    """Yields (path, [(label, probability)] * top_k) per readable image, in input order."""
+            top_k: int, on_error, tta: str = "none"):
+    """Yields (path, [(label, probability)] * top_k) per readable image, in input order. tta="flip": the
+    probabilities are the mean of the image's and its mirror's (train.py --tta flip)."""
     k = min(top_k, len(classes))
     for paths, batch in batches(images, spec, batch_size, on_error):
-        probs = torch.softmax(model(normalize(batch)[0]).float(), dim=1).cpu()
+        x = normalize(batch)[0]
+        probs = torch.softmax(model(x).float(), dim=1)
+        if tta == "flip":
+            probs = (probs + torch.softmax(model(x.flip(3)).float(), dim=1)) / 2
+        probs = probs.cpu()
         values, indices = probs.topk(k, dim=1)
         for path, vals, idxs in zip(paths, values.tolist(), indices.tolist()):
             yield path, [(classes[i], v) for i, v in zip(idxs, vals)]
@@ -163,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Exit codes: 0 all labelled, 1 some images unreadable (the rest labelled), "
                                        "2 usage error.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="a run's model.pt (written by train.py)")
+    p.add_argument("--model", required=True,
+                   help="a run's model.pt (written by train.py), or its model.onnx / model.ts (finetune.export)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--top-k", type=int, default=1, help="print the K most likely labels (default: 1)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="flip: average each image's and its mirror's probabilities (default: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated")
     p.add_argument("--score", action="store_true",
                    help="when an image's folder is named like a class (d2l layout: .../hotdog/x.jpg), print "
@@ -189,6 +183,8 @@ def label_images(args) -> int:
 
     device = pick_device(args.device)
     model, classes, spec = load_model(args.model, device)
+    if not isinstance(model, torch.nn.Module):
+        device = torch.device("cpu")     # an exported file (finetune.export) runs on the CPU
     images, problems = find_images(args.paths)
     for path, reason in problems:
         on_error(path, reason)
@@ -198,7 +194,8 @@ def label_images(args) -> int:
     # The run's own normalisation (model.pt records mean/std); channels_last where it pays, on the GPU.
     normalize = DeviceNormalizer(device, device.type == "cuda", mean=spec["mean"], std=spec["std"])
     labelled = correct = scored = 0
-    for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error):
+    for path, top in predict(model, normalize, classes, images, spec, args.batch_size, args.top_k, on_error,
+                             args.tta):
         labelled += 1
         if args.json:
             print(json.dumps(dict(path=str(path), label=top[0][0], probability=round(top[0][1], 6),

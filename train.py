@@ -32,8 +32,8 @@ from finetune.arch import describe_preprocessing, preprocessing
 from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save
 from finetune.config import Config, parse_config, save_config
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
-                           check_shards, load_manifest, make_loader)
-from finetune.loop import evaluate, train_one_epoch
+                           check_shards, load_manifest, make_loader, train_stream_for)
+from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
 from finetune.remote import stage_data
@@ -46,14 +46,15 @@ def run(cfg: Config) -> int:
     data = make_data(job)
     normalize = make_normalizer(job)
     model, optimizer, weights = build_model_and_optimizer(job)
+    ema = make_ema(job.accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay)
     checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
-                                cfg.to_dict())
+                                cfg.to_dict(), ema=ema)
     state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
         job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         job.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
-    finish(job, checkpointer.model, state, weights)
+    finish(job, checkpointer, state, weights)
     return 0
 
 
@@ -86,6 +87,9 @@ def set_up(cfg: Config) -> Job:
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
+    if cfg.patience and manifest.val is None:
+        raise UsageError(f"--patience needs a val split, and {cfg.data} has none: re-run data_prep with "
+                         f"--val-fraction F (e.g. 0.1), or drop --patience")
     who = distributed.describe(accelerator, cfg.run_dir())
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
@@ -107,6 +111,9 @@ class Data:
     eval_loader: torch.utils.data.DataLoader
     steps: int                  # optimizer steps per epoch
     expected_test: int          # test samples an evaluation must count
+    val_loader: torch.utils.data.DataLoader | None = None   # the manifest's val split, if it has one
+    expected_val: int = 0
+    class_weight: torch.Tensor | None = None                # --class-balance loss
 
     def batches(self, epoch: int, start: int, accum: int):
         """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others)."""
@@ -126,16 +133,23 @@ def make_data(job: Job) -> Data:
         steps = min(steps, cfg.max_steps_per_epoch)
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)
     pin = acc.device.type == "cuda"
-    train_stream = TrainStream(manifest.train, rank=rank, world_size=world,
-                               micro_batch=cfg.batch_size // (world * cfg.grad_accum),
-                               accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
-                               seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
-                               decode_on=cfg.decode_on)
-    eval_loader = make_loader(EvalStream(manifest.test, rank=rank, world_size=world,
-                                         batch=cfg.batch_size // world, preprocess=job.preprocess,
-                                         limit=cfg.eval_limit), workers, pin)
-    expected_test = min(cfg.eval_limit or manifest.test.num_samples, manifest.test.num_samples)
-    return Data(train_stream, make_loader(train_stream, workers, pin), eval_loader, steps, expected_test)
+    train_stream = train_stream_for(cfg, manifest.train, rank=rank, world_size=world,
+                                    micro_batch=cfg.batch_size // (world * cfg.grad_accum),
+                                    accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
+                                    seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
+                                    decode_on=cfg.decode_on)
+
+    def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
+        return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,
+                                      preprocess=job.preprocess, limit=cfg.eval_limit), workers, pin)
+
+    def expected(split):
+        return min(cfg.eval_limit or split.num_samples, split.num_samples)
+
+    val = manifest.val
+    return Data(train_stream, make_loader(train_stream, workers, pin), eval_loader(manifest.test), steps,
+                expected(manifest.test), eval_loader(val) if val else None, expected(val) if val else 0,
+                class_weight=class_weights(manifest.train.class_counts, cfg.class_balance, acc.device))
 
 
 def make_normalizer(job: Job):
@@ -183,25 +197,28 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
 
 def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpointer, state: TrainState,
         weights: str) -> int:
-    """Train the remaining epochs, evaluating and checkpointing after each. Returns 0, or EXIT_PREEMPTED
-    after saving a checkpoint when a preemption signal arrived."""
+    """Train the remaining epochs, evaluating and checkpointing after each, until --epochs or --patience ends
+    the run. Returns 0, or EXIT_PREEMPTED after saving a checkpoint when a preemption signal arrived."""
     cfg, acc, monitor = job.cfg, job.accelerator, job.monitor
     preempt = PreemptionFlag(cfg.preempt_signals)
-    while state.epoch < cfg.epochs:
+    while state.epoch < cfg.epochs and not state.stopped_early:
         metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
                                   state, steps=data.steps, cfg=cfg, accelerator=acc, normalize=normalize,
-                                  monitor=monitor, preempt=preempt, checkpointer=checkpointer)
+                                  monitor=monitor, preempt=preempt, checkpointer=checkpointer,
+                                  ema=checkpointer.ema, class_weight=data.class_weight)
         if preempt.stopping:
             checkpointer.save(state)
             monitor.print(f"{preempt.signal_name or 'a preemption signal'} received: checkpoint saved at step "
                           f"{state.global_step}; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
             return EXIT_PREEMPTED
-        ev = evaluate_all_ranks_alike(job, checkpointer.model, data, normalize)
+        ev = evaluate_all_ranks_alike(job, checkpointer, data, normalize)
         record = dict(epoch=state.epoch + 1, step=state.global_step, **metrics, **ev)
         if (peak := distributed.peak_gpu_memory_gib(acc.device)) is not None:
             record["peak_gpu_mem_gib"] = peak
         is_best = state.end_epoch(record)
+        state.stopped_early = out_of_patience(job, state)
         monitor.epoch_end(record, optimizer, state.global_step, job.who["devices"])
+        monitor.class_metrics(record, job.manifest.classes, state.global_step)
         monitor.write_metrics(dict(epochs=state.history, world_size=job.world, weights=weights))
         checkpointer.save(state, is_best)
         if preempt.stop_now(acc.device):   # asked to stop during eval
@@ -211,38 +228,92 @@ def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpo
     return 0
 
 
-def evaluate_all_ranks_alike(job: Job, plain_model: torch.nn.Module, data: Data, normalize) -> dict:
+def out_of_patience(job: Job, state: TrainState) -> bool:
+    """--patience: stop when val accuracy has not improved for that many epochs. The counter comes from
+    all-reduced val sums, so it is the same everywhere; the any-rank vote makes sure no rank stops alone."""
+    cfg = job.cfg
+    stop = distributed.any_rank(bool(cfg.patience) and state.epochs_since_best >= cfg.patience,
+                                job.accelerator.device)
+    if stop and state.epoch < cfg.epochs:
+        job.monitor.print(f"early stop after epoch {state.epoch}: val acc has not improved for "
+                          f"{state.epochs_since_best} epoch(s) (--patience {cfg.patience}); best epoch "
+                          f"{state.best_epoch}, val acc {state.best_acc:.3f}")
+    return stop and state.epoch < cfg.epochs
+
+
+def evaluate_all_ranks_alike(job: Job, checkpointer: Checkpointer, data: Data, normalize) -> dict:
     """Every rank evaluates (and later saves) rank 0's model: its BatchNorm statistics first, then the
-    exact-once pass over the test set, with a patient timeout (a first evaluation may compile)."""
-    distributed.sync_buffers(plain_model, job.world)
-    with distributed.patient():
-        ev = evaluate(plain_model, data.eval_loader, accelerator=job.accelerator, normalize=normalize)
-    if ev["test_samples"] != data.expected_test:
-        raise RuntimeError(f"evaluated {ev['test_samples']} test samples, expected {data.expected_test}")
-    return ev
+    exact-once pass over the test set, and the val set if there is one, with a patient timeout (a first
+    evaluation may compile). With --ema-decay, the EMA weights too (keys ema_test_*, ema_val_*)."""
+    models = [("", checkpointer.model)] + ([("ema_", checkpointer.ema.module)] if checkpointer.ema else [])
+    splits = [("test", data.eval_loader, data.expected_test)]
+    if data.val_loader is not None:
+        splits.append(("val", data.val_loader, data.expected_val))
+    record = dict(eval_time=0.0)
+    for prefix, model in models:
+        distributed.sync_buffers(model, job.world)
+        for split, loader, expected in splits:
+            with distributed.patient():
+                ev = evaluate(model, loader, accelerator=job.accelerator, normalize=normalize,
+                              num_classes=len(job.manifest.classes), split=prefix + split, tta=job.cfg.tta)
+            if ev[f"{prefix}{split}_samples"] != expected:
+                raise RuntimeError(f"evaluated {ev[f'{prefix}{split}_samples']} {split} samples, expected {expected}")
+            record["eval_time"] += ev.pop("eval_time")
+            record.update(ev)
+    return record
 
 
 # ------------------------------------------------------------------------------------------------------
 # Finish: metrics.json, hparams, model.pt for predict.py
 # ------------------------------------------------------------------------------------------------------
-def finish(job: Job, plain_model: torch.nn.Module, state: TrainState, weights: str) -> None:
-    cfg, monitor, run_dir = job.cfg, job.monitor, job.run_dir
-    final = dict(state.history[-1]) if state.history else {}
-    monitor.write_metrics(dict(epochs=state.history, final=final, world_size=job.world, weights=weights))
+def finish(job: Job, checkpointer: Checkpointer, state: TrainState, weights: str) -> None:
+    cfg, monitor, run_dir, plain_model = job.cfg, job.monitor, job.run_dir, checkpointer.model
+    chosen, final, model_state, ema_state = choose_model(job, checkpointer, state)
+    last = dict(state.history[-1]) if state.history else {}
+    monitor.write_metrics(dict(epochs=state.history, final=final, chosen=chosen, last=last, world_size=job.world,
+                               weights=weights))
     monitor.hparams({k: v for k, v in cfg.to_dict().items() if k not in ("data", "output_dir")},
                     {"final/test_acc": final.get("test_acc", 0.0), "final/train_acc": final.get("train_acc", 0.0),
-                     "final/train_loss": final.get("train_loss", 0.0)})
+                     "final/train_loss": final.get("train_loss", 0.0),
+                     "final/test_balanced_acc": final.get("test_balanced_acc", 0.0),
+                     **({"final/val_acc": final["val_acc"]} if "val_acc" in final else {})})
     if job.accelerator.is_main_process:
-        atomic_save(dict(state_dict=plain_model.state_dict(), classes=job.manifest.classes,
-                         arch=cfg.arch, preprocess=job.preprocess,
-                         weights=weights, test_acc=final.get("test_acc")),
+        atomic_save(dict(state_dict=model_state, ema_state_dict=ema_state, classes=job.manifest.classes,
+                         arch=cfg.arch, preprocess=job.preprocess, weights=weights, test_acc=final.get("test_acc"),
+                         ema_test_acc=final.get("ema_test_acc"), chosen=chosen, tta=cfg.tta),
                     run_dir / "model.pt")
-    distributed.write_rank_file(run_dir, {**job.who["me"],
+    distributed.write_rank_file(run_dir, {**job.who["me"], "epochs_trained": state.epoch,
+                                          "stopped_early": state.stopped_early,
                                           "final_param_sha256": distributed.param_digest(plain_model),
                                           "final_buffer_sha256": distributed.buffer_digest(plain_model)})
     monitor.close()
     monitor.print(f"run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {run_dir / 'tb'}")
     job.accelerator.end_training()
+
+
+def choose_model(job: Job, checkpointer: Checkpointer, state: TrainState):
+    """The model that model.pt ships, chosen on VAL (never on test): best.pt's weights when there is a val
+    split, else the last epoch's. Returns (chosen: what and why, its epoch's record, its state dict and
+    its EMA state dict or None); the state dicts on the main process only. Prints the choice in one line."""
+    main, ema = job.accelerator.is_main_process, checkpointer.ema
+    best = job.run_dir / "checkpoints" / "best.pt"
+    if state.best_epoch and best.exists():
+        record = dict(state.history[state.best_epoch - 1])
+        chosen = dict(checkpoint="best.pt", epoch=state.best_epoch, on="val_acc", val_acc=state.best_acc)
+        job.monitor.print(f"model.pt = best.pt, epoch {state.best_epoch} of {len(state.history)}, chosen on val "
+                          f"acc {state.best_acc:.3f}; its test acc {record['test_acc']:.3f} (last epoch's: "
+                          f"{state.history[-1]['test_acc']:.3f})")
+        saved = torch.load(best, map_location="cpu", weights_only=True) if main else {}
+        ema_state = ({k[len("module."):]: v for k, v in saved["ema"].items() if k.startswith("module.")}
+                     if main and saved.get("ema") else None)
+        return chosen, record, saved.get("model"), ema_state
+    why = ("no val split in --data (data_prep --val-fraction F makes one)" if job.manifest.val is None
+           else "no epoch finished")
+    chosen = dict(checkpoint="last", epoch=len(state.history), on=None, why=why)
+    job.monitor.print(f"model.pt = the last epoch's weights, no best.pt: {why}")
+    return (chosen, dict(state.history[-1]) if state.history else {},
+            checkpointer.model.state_dict() if main else None,
+            ema.module.state_dict() if main and ema is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

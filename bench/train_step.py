@@ -28,7 +28,7 @@ from finetune import distributed
 from finetune.checkpoint import PreemptionFlag, TrainState
 from finetune.config import parse_config
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer
-from finetune.loop import train_one_epoch
+from finetune.loop import make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,6 +86,7 @@ class Ours:
         self.model, self.opt, self.cfg, self.acc, self.normalize = model, optimizer, cfg, accelerator, normalize
         self.monitor = types.SimpleNamespace(scalars=lambda *a, **k: None)
         self.preempt = PreemptionFlag("")               # no signals: never stops
+        self.ema = None                                 # --ema-decay: an AveragedModel updated every step
 
     def run(self, batches, steps: int) -> float:
         it = (batches[i % len(batches)] for i in range(steps * self.cfg.grad_accum))
@@ -93,9 +94,26 @@ class Ours:
         sync(self.acc.device)
         t = time.perf_counter()
         train_one_epoch(self.model, self.opt, it, state, steps=steps, cfg=self.cfg, accelerator=self.acc,
-                        normalize=self.normalize, monitor=self.monitor, preempt=self.preempt, checkpointer=None)
+                        normalize=self.normalize, monitor=self.monitor, preempt=self.preempt, checkpointer=None,
+                        ema=self.ema)
         sync(self.acc.device)
         return steps * self.cfg.batch_size / (time.perf_counter() - t)
+
+
+def ema_cost(ours: Ours, batches, args) -> None:
+    """--ema-decay: ms per optimizer step that train.py's EMA update adds (ours with and without it, taking
+    turns repeat by repeat, medians compared)."""
+    ema = make_ema(ours.acc.unwrap_model(ours.model), args.ema_decay)
+    plain, with_ema = [], []
+    for r in range(args.repeats):
+        for name, e, rates in in_turn(r, [("no ema", None, plain), ("ema", ema, with_ema)]):
+            ours.ema = e
+            rates.append(ours.run(batches, args.steps))
+            print(f"  repeat {r + 1}: ours, {name} {rates[-1]:8.2f} img/s", flush=True)
+    ours.ema = None
+    ms = [1000 * args.batch_size / median(rates) for rates in (plain, with_ema)]
+    print(f"EMA (--ema-decay {args.ema_decay}): {ms[1] - ms[0]:+.2f} ms per step ({ms[0]:.1f} -> {ms[1]:.1f} ms, "
+          f"{100 * (ms[1] / ms[0] - 1):+.1f}%)")
 
 
 def sweep(args, device, classes):
@@ -142,6 +160,8 @@ def main() -> None:
                    help="also time the bare loop for every precision x memory format (CPU: fp32, bf16)")
     p.add_argument("--sweep-only", action="store_true", help="only the sweep")
     p.add_argument("--goal", type=float, default=0.97, help="goal for ours / bare")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="also measure the per-step cost of train.py's --ema-decay D (ours with vs without it)")
     args = p.parse_args()
 
     flags = ["--data", "-", "--pretrained", "none", "--batch-size", str(args.batch_size),
@@ -191,6 +211,8 @@ def main() -> None:
     print()
     print(table([goal_row(f"train step, {precision}, channels_last={cfg.channels_last} (img/s)", o, b,
                           args.goal, "img/s", fmt="{:.2f}")], COLUMNS))
+    if args.ema_decay:
+        ema_cost(ours, batches, args)
 
 
 if __name__ == "__main__":

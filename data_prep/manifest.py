@@ -8,6 +8,7 @@ experiments). It is deliberately small and imports nothing heavy: json, hashlib 
 - `shard_path(root, name)`: the one shard-name rule. A name is what data_prep writes, a plain file name
   such as `train-000000.tar`; anything else (a `/`, `..`, a URL scheme such as `pipe:`, which webdataset
   would run through a shell) is refused, so a manifest can only ever point at files inside its folder.
+- `split_names(manifest)`: train, test and, when present, the optional val split.
 - `file_digests(path, ...)` / `file_sha256(path)`: the one streamed file hasher.
 """
 
@@ -23,6 +24,7 @@ from .errors import UsageError
 FORMAT = "hotdog-wds/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
+OPTIONAL_SPLITS = ("val",)      # --val-fraction; manifests without it are valid (older data_prep, or no val)
 _CHUNK = 1 << 20
 # What shards.shard_name writes, and a little more (other tools may use other digits or split names):
 # letters, digits, '-', '_' and '.', ending in .tar, not starting with '.'. No '/', ':' or '..'.
@@ -76,7 +78,7 @@ def _check(root: Path, manifest: dict) -> None:
     classes = manifest["classes"]
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"needs a list of at least two class names, found {classes!r}")
-    for name in SPLITS:
+    for name in split_names(manifest):
         split = manifest["splits"][name]
         shards = split["shards"]
         for shard in shards:
@@ -84,3 +86,8 @@ def _check(root: Path, manifest: dict) -> None:
             int(shard["num_samples"]), int(shard["size"]), str(shard["sha256"])
         if sum(int(s["num_samples"]) for s in shards) != int(split["num_samples"]):
             raise ValueError(f"{name}: shard counts do not add up to num_samples")
+
+
+def split_names(manifest: dict) -> tuple[str, ...]:
+    """The splits a manifest holds: train and test always, val when data_prep was given --val-fraction."""
+    return SPLITS + tuple(name for name in OPTIONAL_SPLITS if name in manifest["splits"])

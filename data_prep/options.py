@@ -45,6 +45,10 @@ class PrepareOptions:
     test_fraction: float | None = _opt("for a folder of class folders: put this fraction of each class in test "
                                        "(deterministic: a seeded hash of each file's path)",
                                        fingerprint=True, type=float, metavar="F")
+    val_fraction: float | None = _opt("carve this fraction of each class of train out as a validation split "
+                                      "(stratified; a seeded hash of each image's content, so adding photos "
+                                      "moves few others; train.py chooses best.pt and stops early on it)",
+                                      fingerprint=True, type=float, metavar="F")
     seed: int = _opt("shuffle/split seed (default: 0)", 0, fingerprint=True, type=int)
     # None until resolved: "auto" is part of the fingerprint
     samples_per_shard: int | None = _opt(
@@ -79,7 +83,9 @@ class PrepareOptions:
 
     def fingerprint_options(self) -> dict:
         """The options that change the output, as recorded in the manifest (and hashed, minus `source`)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprint"]}
+        # val_fraction is left out when unset, so outputs made before the option existed stay up to date.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["fingerprint"]
+                and not (f.name == "val_fraction" and self.val_fraction is None)}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -94,9 +94,8 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
         records, skipped = _usable(records, layout.skipped, opts.strict)
         duplicates, dropped = _find_duplicates(records, opts.drop_duplicates)
         records = [r for r in records if r.file.rel not in dropped]
-        _check_not_empty(records, layout.classes, len(skipped))
-
-        by_split = {s: [r for r in records if r.file.split == s] for s in sources.SPLITS}
+        by_split = _by_split(_carve_val(records, opts.val_fraction, opts.seed), opts.val_fraction)
+        _check_not_empty(by_split, layout.classes, len(skipped))
         _shard_sizes(options, opts, by_split)
         with open(spool, "rb") as images:
             splits = {
@@ -165,6 +164,8 @@ def _usable(records: list[_Record], skipped: list[dict], strict: bool) -> tuple[
 def _check_options(o: PrepareOptions) -> None:
     if o.test_fraction is not None and not 0 < o.test_fraction < 1:
         raise UsageError(f"--test-fraction {o.test_fraction}: must be between 0 and 1 (exclusive), e.g. 0.2")
+    if o.val_fraction is not None and not 0 < o.val_fraction < 1:
+        raise UsageError(f"--val-fraction {o.val_fraction}: must be between 0 and 1 (exclusive), e.g. 0.1")
     if o.samples_per_shard is not None and o.samples_per_shard < 1:
         raise UsageError(f"--samples-per-shard {o.samples_per_shard}: must be at least 1")
     if o.max_side is not None and o.shorter_side is not None:
@@ -298,9 +299,36 @@ def _find_duplicates(records: list[_Record], drop: bool) -> tuple[list[dict], se
     return report, dropped
 
 
-def _check_not_empty(records: list[_Record], classes: list[str], num_skipped: int) -> None:
-    present = {(r.file.split, r.file.label) for r in records}
-    for split in sources.SPLITS:
+def _carve_val(records: list[_Record], fraction: float | None, seed: int) -> list[_Record]:
+    """--val-fraction: move round(n * F) of each class's n train records (at least 1, at most n - 1) to val.
+
+    Which ones: the lowest seeded hashes of the image content (the sha256 of its bytes; the path breaks
+    ties), like the rule --test-fraction uses on paths. A record's split depends only on itself and the seed,
+    so adding photos moves few existing ones; byte-identical copies go to val together (no train/val leak).
+    """
+    if not fraction:
+        return records
+    def rank(r: _Record) -> tuple[bytes, str]:
+        return hashlib.sha256(f"{seed}:val:{r.result.sha256}".encode()).digest(), r.file.rel
+    train = [r for r in records if r.file.split == "train"]
+    chosen: set[str] = set()
+    for label in sorted({r.file.label for r in train}):
+        members = sorted((r for r in train if r.file.label == label), key=rank)
+        n = len(members)
+        n_val = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+        chosen.update(r.result.sha256 for r in members[:n_val])
+    return [replace(r, file=replace(r.file, split="val")) if r.file.split == "train" and r.result.sha256 in chosen
+            else r for r in records]
+
+
+def _by_split(records: list[_Record], val_fraction: float | None) -> dict[str, list[_Record]]:
+    names = sources.SPLITS + (("val",) if val_fraction else ())
+    return {s: [r for r in records if r.file.split == s] for s in names}
+
+
+def _check_not_empty(by_split: dict[str, list[_Record]], classes: list[str], num_skipped: int) -> None:
+    present = {(r.file.split, r.file.label) for recs in by_split.values() for r in recs}
+    for split in by_split:
         for label, name in enumerate(classes):
             if (split, label) not in present:
                 raise UsageError(
@@ -344,9 +372,12 @@ def _report(out: Path, manifest: dict, log: Callable[[str], None]) -> None:
     train, test = manifest["splits"]["train"], manifest["splits"]["test"]
     skipped, duplicates = manifest["skipped"], manifest["duplicates"]
     leaks = sum(1 for d in duplicates if d["leak"])
+    val = manifest["splits"].get("val")
+    val_text = f" + {val['num_samples']} val" if val else ""
+    val_shards = f" + {len(val['shards'])}" if val else ""
     log(
-        f"data_prep: wrote {out}: {train['num_samples']} train + {test['num_samples']} test samples "
-        f"in {len(train['shards'])} + {len(test['shards'])} shards "
+        f"data_prep: wrote {out}: {train['num_samples']} train{val_text} + {test['num_samples']} test samples "
+        f"in {len(train['shards'])}{val_shards} + {len(test['shards'])} shards "
         f"({_per_shard(manifest['options'])} per shard), {len(manifest['classes'])} classes; "
         f"{len(skipped)} skipped, {len(duplicates)} duplicate group(s), {leaks} train/test leak(s)"
     )

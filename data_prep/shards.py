@@ -117,9 +117,11 @@ def verify(out: str | Path) -> list[str]:
         manifest = read_manifest(out)
         classes = manifest["classes"]
         splits = manifest["splits"]
-        problems = []
+        problems, train_keys = [], set()
         for split_name, split in splits.items():
-            problems += _verify_split(out, split_name, split, len(classes))
+            # val is carved out of train: one key space, so a key in both is an image in both
+            seen = train_keys if split_name in ("train", "val") else set()
+            problems += _verify_split(out, split_name, split, len(classes), seen)
         listed = {s["name"] for split in splits.values() for s in split["shards"]}
         problems += [f"{p.name}: not listed in {MANIFEST}" for p in sorted(out.glob("*.tar")) if p.name not in listed]
         return problems
@@ -129,14 +131,14 @@ def verify(out: str | Path) -> list[str]:
         return [f"{out / MANIFEST}: malformed, missing or wrong field {exc}"]
 
 
-def _verify_split(out: Path, split_name: str, split: dict, num_classes: int) -> list[str]:
+def _verify_split(out: Path, split_name: str, split: dict, num_classes: int, seen_keys: set[str]) -> list[str]:
+    """`seen_keys`: keys of the splits that share this one's key space (train and val); a repeat is reported."""
     from webdataset.tariterators import tarfile_samples  # see write_split
 
     problems = []
     names = [s["name"] for s in split["shards"]]
     if list(braceexpand.braceexpand(split["pattern"])) != names:
         problems.append(f"{split_name}: pattern {split['pattern']!r} does not expand to the listed shards")
-    seen_keys: set[str] = set()
     totals = [0] * num_classes
     for shard in split["shards"]:
         path = shard_path(out, shard["name"])

@@ -73,22 +73,25 @@ def markdown(results: dict) -> str:
               f"- machine: {results.get('machine', '?')}",
               f"- command: `{results.get('command', '')}`", ""]
     lines += seed_table(results)
-    lines += ["| variant | what | flags | lr | weights | final test acc | best test acc (epoch) | final train loss | "
-              "examples/sec | status |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| variant | what | flags | lr | weights | final test acc | balanced acc | best test acc (epoch) | "
+              "final train loss | examples/sec | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["variants"]:
-        best = f"{_f(r.get('best_test_acc'))} ({r['best_epoch']})" if r.get("best_epoch") else ""
+        best = (f"{_f(r.get('best_test_acc'))} ({r['best_epoch']}{', on val' if r.get('best_chosen_on') == 'val' else ''})"
+                if r.get("best_epoch") else "")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}".replace("|", "\\|")
         lr = fmt_lr(r["lr"]) if r.get("lr") is not None else ""
         lines.append(f"| {r['name']} | {r['what']} | {_flags(r['flags'])} | {lr} | {r.get('weights') or ''} | "
-                     f"{_f(r.get('final_test_acc'))} | {best} | {_f(r.get('final_train_loss'))} | "
+                     f"{_f(r.get('final_test_acc'))} | {_f(r.get('final_test_balanced_acc'))} | {best} | {_f(r.get('final_train_loss'))} | "
                      f"{_f(r.get('examples_per_sec'), 1)} | {status} |")
     lines += [f"| d2l book: fine-tune | the book's own result, not this run | ImageNet weights, 224 px, 5 epochs | 5e-5 | "
-              f"IMAGENET1K_V1 | {D2L_REFERENCE['finetune']:.3f} | | | | reference |",
+              f"IMAGENET1K_V1 | {D2L_REFERENCE['finetune']:.3f} | | | | | reference |",
               f"| d2l book: scratch | the book's own result, not this run | random init, 224 px, 5 epochs | 5e-4 | random init | "
-              f"{D2L_REFERENCE['scratch']:.3f} | | | | reference |", ""]
+              f"{D2L_REFERENCE['scratch']:.3f} | | | | | reference |", ""]
     lines += ["lr: the backbone learning rate the run used (from its config.yaml; the new head learns at 10x "
-              "except with --scratch). Final/best test acc: accuracy on the whole test split after the last / the best epoch. "
+              "except with --scratch). Final/best test acc: accuracy on the whole test split after the last / the best epoch "
+              "(best: chosen on val accuracy when the data has a val split, marked 'on val'; else on test). Balanced acc: "
+              "the mean per-class recall on test after the last epoch. "
               "Train loss: d2l's per-example training loss of the last epoch. examples/sec: training "
               "throughput averaged over epochs (warm-up steps left out). The d2l rows are the numbers printed in "
               "Dive into Deep Learning, section \"Fine-Tuning\" (d2l's hotdog set, its GPUs: 999 examples/sec on 2), for comparison "

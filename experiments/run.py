@@ -54,7 +54,9 @@ def summarize_metrics(run_dir: Path) -> dict:
     if not epochs:
         return {"weights": m.get("weights"), "lr": lr}
     accs = [e["test_acc"] for e in epochs]
-    best = max(range(len(accs)), key=accs.__getitem__)
+    # "best" is chosen on val where the data has a val split (the test set must not pick the model)
+    chooser = [e["val_acc"] for e in epochs] if all("val_acc" in e for e in epochs) else accs
+    best = max(range(len(accs)), key=chooser.__getitem__)
     rates = [e.get("examples_per_sec") for e in epochs if e.get("examples_per_sec")]
     last = epochs[-1]
     return dict(weights=m.get("weights"), lr=lr, complete="final" in m, world_size=m.get("world_size"),
@@ -62,7 +64,8 @@ def summarize_metrics(run_dir: Path) -> dict:
                              train_acc=e["train_acc"], examples_per_sec=e.get("examples_per_sec")) for e in epochs],
                 final_test_acc=last["test_acc"], best_test_acc=accs[best], best_epoch=epochs[best]["epoch"],
                 final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
-                test_samples=last.get("test_samples"),
+                test_samples=last.get("test_samples"), final_test_balanced_acc=last.get("test_balanced_acc"),
+                best_chosen_on="val" if chooser is not accs else "test",
                 examples_per_sec=sum(rates) / len(rates) if rates else None)
 
 

@@ -71,8 +71,11 @@ class TrainState:
     step_in_epoch: int = 0          # optimizer steps of `epoch` already done
     global_step: int = 0            # optimizer steps done in the whole run
     history: list = field(default_factory=list)   # one record per finished epoch (metrics.json "epochs")
-    best_acc: float = -1.0          # the best test accuracy so far (best.pt)
+    best_acc: float = -1.0          # the best val accuracy so far (best.pt; none without a val split)
     skipped_steps: int = 0          # fp16 steps GradScaler skipped (overflow): global_step - these = updates
+    best_epoch: int = 0             # the epoch (1-based) of best_acc; 0: none yet
+    epochs_since_best: int = 0      # finished epochs since val accuracy last improved (--patience)
+    stopped_early: bool = False     # --patience ran out: the run is over even though epoch < cfg.epochs
 
     @classmethod
     def fresh(cls, device: torch.device) -> TrainState:
@@ -81,7 +84,9 @@ class TrainState:
     def to_checkpoint(self) -> dict:
         """The checkpoint's fields of this state (train_sums, one list per rank, is added by the Checkpointer)."""
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, step=self.global_step,
-                    metrics=self.history, best_acc=self.best_acc, skipped_steps=self.skipped_steps)
+                    metrics=self.history, best_acc=self.best_acc, skipped_steps=self.skipped_steps,
+                    best_epoch=self.best_epoch, epochs_since_best=self.epochs_since_best,
+                    stopped_early=self.stopped_early)
 
     @classmethod
     def from_checkpoint(cls, saved: dict, rank: int, world: int, device: torch.device) -> TrainState:
@@ -89,16 +94,23 @@ class TrainState:
         state.epoch, state.step_in_epoch, state.global_step = saved["epoch"], saved["step_in_epoch"], saved["step"]
         state.history, state.best_acc = saved["metrics"], saved["best_acc"]
         state.skipped_steps = saved.get("skipped_steps", 0)
+        state.best_epoch, state.epochs_since_best = saved.get("best_epoch", 0), saved.get("epochs_since_best", 0)
+        state.stopped_early = saved.get("stopped_early", False)
         # Mid-epoch, this rank's sums go on from where they were (only if the ranks are the same ones).
         if state.step_in_epoch and len(saved["train_sums"]) == world:
             state.sums += torch.tensor(saved["train_sums"][rank], dtype=torch.float64, device=device)
         return state
 
     def end_epoch(self, record: dict) -> bool:
-        """Record a finished epoch and move to the next one. Returns True if its test accuracy is the best."""
+        """Record a finished epoch and move to the next one. Returns True if its VAL accuracy is the best so far
+        (the test set never chooses: without a val split nothing is best)."""
         self.history.append(record)
-        is_best = record["test_acc"] > self.best_acc
-        self.best_acc = max(self.best_acc, record["test_acc"])
+        val = record.get("val_acc")
+        is_best = val is not None and val > self.best_acc
+        if is_best:
+            self.best_acc, self.best_epoch, self.epochs_since_best = val, record["epoch"], 0
+        elif val is not None:
+            self.epochs_since_best += 1
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.sums.zero_()
         return is_best
@@ -112,8 +124,8 @@ class Checkpointer:
     the config), where it goes (`directory`), how many are kept (`keep_last`) and best.pt.
     save() and restore() are collective: every rank calls them; only the main process writes."""
 
-    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict):
-        self.accelerator, self.optimizer = accelerator, optimizer
+    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict, ema=None):
+        self.accelerator, self.optimizer, self.ema = accelerator, optimizer, ema   # ema: --ema-decay's model
         self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
         self.directory, self.keep_last, self.config = Path(directory), keep_last, config
 
@@ -125,6 +137,7 @@ class Checkpointer:
             if acc.is_main_process:
                 save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                          ema=self.ema.state_dict() if self.ema is not None else None,
                           rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
                           world_size=world), self.directory, self.keep_last, is_best)
                 _test_delay()
@@ -144,6 +157,10 @@ class Checkpointer:
         self.optimizer.load_state_dict(saved["optimizer"])
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None and saved.get("ema") is not None:
+            self.ema.load_state_dict(saved["ema"])
+        elif self.ema is not None:
+            log("note: the checkpoint holds no EMA weights (--ema-decay was off): the EMA starts from here")
         set_rng_state(saved["rng"][rank % len(saved["rng"])])
         state = TrainState.from_checkpoint(saved, rank, world, acc.device)
         log(f"resumed from step {state.global_step} (epoch {state.epoch + 1}, step {state.step_in_epoch})")

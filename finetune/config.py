@@ -104,6 +104,12 @@ class Config:
     grad_accum: int = _opt("split each process's share of the global batch into this many micro-batches",
                            type=_positive_int, default=1)
     clip_grad: float = _opt("clip the global gradient norm to this (0: off)", type=_nonneg_float, default=0.0)
+    ema_decay: float = _opt("keep an exponential moving average of the weights with this decay (e.g. 0.999), "
+                            "updated every optimizer step, checkpointed and evaluated alongside (0: off)",
+                            type=_nonneg_float, default=0.0)
+    class_balance: str = _opt("for skewed classes (the manifest's train class counts): 'loss' weights each class "
+                              "by N / (C x count), 'resample' draws every class equally often (--data-order "
+                              "random)", choices=("none", "loss", "resample"), default="none")
     # ---- speed ----------------------------------------------------------------------------------------
     precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: bf16 only with native "
                           "bf16 kernels, else no), no, fp16 (GPU only), bf16", choices=PRECISIONS, default="auto")
@@ -126,6 +132,10 @@ class Config:
     max_steps_per_epoch: int = _opt("cap optimizer steps per epoch (0: train_samples // batch_size)",
                                     type=_nonneg_int, default=0)
     eval_limit: int = _opt("evaluate only the first N test samples (0: all)", type=_nonneg_int, default=0)
+    patience: int = _opt("early stopping: stop after N epochs without a better val accuracy (0: off; needs a val "
+                         "split, data_prep --val-fraction)", type=_nonneg_int, default=0)
+    tta: str = _opt("test-time augmentation for evaluation: 'flip' averages the probabilities of each image and "
+                    "its mirror", choices=("none", "flip"), default="none")
     log_every: int = _opt("log train loss/acc to TensorBoard every N steps", type=_positive_int, default=10)
     log_with: str = _opt("comma-separated experiment trackers: tensorboard (RUN_DIR/tb), mlflow "
                          "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_MODE, WANDB_PROJECT); their "
@@ -137,7 +147,7 @@ class Config:
     # ---- checkpoints and preemption --------------------------------------------------------------------
     save_every: int = _opt("also checkpoint every N optimizer steps (0: only at epoch ends)", type=_nonneg_int,
                            default=0)
-    keep_last: int = _opt("checkpoints to keep (plus best.pt, the best by test accuracy)", type=_positive_int,
+    keep_last: int = _opt("checkpoints to keep (plus best.pt, the best by val accuracy; no best.pt without a val split)", type=_positive_int,
                           default=2)
     resume: str = _opt("'auto': newest complete checkpoint of the run directory if any; or PATH; '': start fresh",
                        default="")
@@ -247,6 +257,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
             parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
     parse_log_with(cfg.log_with)     # a UsageError (one line, exit 2) before anything is written
+    if not cfg.ema_decay < 1:
+        parser.error(f"--ema-decay {cfg.ema_decay}: must be below 1 (e.g. 0.999), or 0 for off")
+    if cfg.class_balance == "resample" and cfg.data_order != "random":
+        parser.error("--class-balance resample draws samples at random: use it with --data-order random")
     try:
         check_arch(cfg.arch)
     except UsageError as e:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from data_prep.manifest import file_sha256, read_manifest, shard_path
+from data_prep.manifest import file_sha256, read_manifest, shard_path, split_names
 
 from .arch import IMAGENET_MEAN, IMAGENET_STD
 
@@ -45,6 +45,7 @@ class Split:
     num_samples: int
     shards: list[dict]          # [{"name", "num_samples", "size", "sha256"}] in manifest order
     urls: list[str]             # absolute paths of the shards
+    class_counts: list[int] | None = None   # samples per class (the manifest's; --class-balance)
 
     @property
     def offsets(self) -> list[int]:
@@ -58,6 +59,7 @@ class Manifest:
     classes: list[str]
     train: Split
     test: Split
+    val: Split | None = None    # data_prep --val-fraction; None for a set without one
 
 
 def load_manifest(data_dir: str | os.PathLike) -> Manifest:
@@ -66,18 +68,20 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     root = Path(data_dir)
     raw = read_manifest(root)
     splits = {}
-    for name in ("train", "test"):
+    for name in split_names(raw):
         s = raw["splits"][name]
         shards = [dict(name=x["name"], num_samples=int(x["num_samples"]), size=int(x["size"]),
                        sha256=x["sha256"]) for x in s["shards"]]
-        splits[name] = Split(name, int(s["num_samples"]), shards, [str(shard_path(root, x["name"])) for x in shards])
-    return Manifest(root, list(raw["classes"]), splits["train"], splits["test"])
+        splits[name] = Split(name, int(s["num_samples"]), shards, [str(shard_path(root, x["name"])) for x in shards],
+                             s.get("class_counts"))
+    return Manifest(root, list(raw["classes"]), splits["train"], splits["test"], splits.get("val"))
 
 
 def check_shards(manifest: Manifest, hash_limit_bytes: int = 1 << 30) -> str | None:
     """Compare shards with the manifest: sizes always, sha256 too when the set is small enough to hash in
     seconds. Returns a one-line problem description, or None."""
-    shards = [(s, u) for split in (manifest.train, manifest.test) for s, u in zip(split.shards, split.urls)]
+    shards = [(s, u) for split in (manifest.train, manifest.test, manifest.val) if split
+              for s, u in zip(split.shards, split.urls)]
     for shard, url in shards:
         if not os.path.isfile(url):
             return f"shard {url} is missing; re-run data_prep or fix --data"
@@ -355,6 +359,36 @@ class TrainStream(IterableDataset):
             if len(batch) == self.micro_batch:
                 yield collate_raw(batch) if raw else collate(batch)
                 batch = []
+
+
+class ResampledTrainStream(TrainStream):
+    """--class-balance resample: the random stream, each sample kept with probability
+    min(count) / count[its class] (seeded, decided before decoding), so every class is drawn equally often.
+    `skip` (resume) counts kept samples, as the loader saw them."""
+
+    def __init__(self, split: Split, **kw):
+        super().__init__(split, **kw)
+        counts = [max(c, 1) for c in split.class_counts]
+        self.keep = [min(counts) / c for c in counts]
+
+    def _random(self, worker: int, num_workers: int):
+        skip, self.skip = self.skip, 0          # the parent skips unfiltered samples: filter first, then skip
+        try:
+            stream = super()._random(worker, num_workers)
+            stream = itertools.chain([next(stream)], stream)    # the parent reads .skip on its first sample
+        finally:
+            self.skip = skip
+        rng = random.Random(f"balance-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        kept = ((key, s) for key, s in stream if rng.random() < self.keep[int(s["cls"])])
+        my_skip = len(range(worker, skip, num_workers)) * self.micro_batch
+        for n, item in enumerate(kept):
+            if n >= my_skip:
+                yield item
+
+
+def train_stream_for(cfg, split: Split, **kw) -> TrainStream:
+    """The train stream --class-balance asks for (resample: ResampledTrainStream; else TrainStream)."""
+    return (ResampledTrainStream if cfg.class_balance == "resample" else TrainStream)(split, **kw)
 
 
 class EvalStream(IterableDataset):

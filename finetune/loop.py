@@ -17,7 +17,23 @@ from .model import lr_factor, set_lr, set_train_mode
 from .monitor import StepTimer
 
 
-def batch_loss(model, images, labels, accelerator, scale: float):
+def make_ema(model: torch.nn.Module, decay: float):
+    """--ema-decay: torch's AveragedModel with its EMA update (parameters and buffers), or None when off."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def class_weights(counts: list[int] | None, mode: str, device: torch.device) -> torch.Tensor | None:
+    """--class-balance loss: class c weighs N / (C x count_c) (1 for balanced classes); else None."""
+    if mode != "loss" or not counts:
+        return None
+    counts_t = torch.tensor(counts, dtype=torch.float32)
+    return (counts_t.sum() / (len(counts) * counts_t.clamp_min(1))).to(device)
+
+
+def batch_loss(model, images, labels, accelerator, scale: float, weight: torch.Tensor | None = None):
     """Forward pass. Returns (loss to backprop, per-sample losses, correct count).
 
     `scale` makes the update depend only on the global batch, however it is split: DDP averages gradients
@@ -25,13 +41,14 @@ def batch_loss(model, images, labels, accelerator, scale: float):
     and additionally divided by the global batch size for --loss-reduction mean."""
     with accelerator.autocast():
         logits = model(images)
-    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    losses = F.cross_entropy(logits.float(), labels, weight=weight, reduction="none")
     correct = (logits.argmax(dim=1) == labels).sum()
     return losses.sum() * scale, losses.detach(), correct
 
 
 def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int, cfg, accelerator, normalize,
-                    monitor, preempt: PreemptionFlag, checkpointer: Checkpointer | None) -> dict:
+                    monitor, preempt: PreemptionFlag, checkpointer: Checkpointer | None, ema=None,
+                    class_weight: torch.Tensor | None = None) -> dict:
     """Runs optimizer steps state.step_in_epoch..steps-1 of state.epoch (steps = optimizer steps per epoch),
     advancing `state` (steps, sums) as it goes, and returns the epoch's training metrics. Checkpoints every
     --save-every steps through `checkpointer`. Stops early when any rank got a preemption signal (then
@@ -50,7 +67,7 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
         with sync_debug(accelerator.device, step - start):
             set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
             optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
-                           normalize=normalize, timer=timer, scale=scale)
+                           normalize=normalize, timer=timer, scale=scale, ema=ema, class_weight=class_weight)
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             note_skipped_step(state, accelerator, monitor)
             timer.step_done()
@@ -96,14 +113,15 @@ def _sync_debug_mode(mode: str):
 
 
 def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accelerator, normalize, timer,
-                   scale: float) -> None:
-    """One optimizer step over cfg.grad_accum micro-batches; adds [loss sum, correct, samples] to `sums`."""
+                   scale: float, ema=None, class_weight: torch.Tensor | None = None) -> None:
+    """One optimizer step over cfg.grad_accum micro-batches; adds [loss sum, correct, samples] to `sums`.
+    Then updates `ema` (an AveragedModel, --ema-decay) from the new weights."""
     for micro in range(cfg.grad_accum):
         images, labels = normalize(*timer.fetch(batches))
         # Only the last micro-batch all-reduces gradients; the others accumulate locally.
         sync = micro == cfg.grad_accum - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale)
+            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale, class_weight)
             accelerator.backward(loss)
         sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
         sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)
@@ -111,6 +129,8 @@ def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accele
         accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update_parameters(model)
 
 
 def note_skipped_step(state: TrainState, accelerator, monitor) -> None:
@@ -139,19 +159,46 @@ def epoch_metrics(sums: torch.Tensor, timer: StepTimer, epoch_start: float, batc
                 data_wait_frac=data_s / (data_s + compute_s) if counted else 0.0)
 
 
+def eval_batch(model, images, labels, accelerator, tta: str):
+    """Per-sample losses and predictions; --tta flip: of the mean of the image's and its mirror's probabilities."""
+    with accelerator.autocast():
+        logits = model(images).float()
+        if tta == "flip":
+            probs = (logits.softmax(dim=1) + model(images.flip(3)).float().softmax(dim=1)) / 2
+            return F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="none"), probs.argmax(dim=1)
+    return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(dim=1)
+
+
 @torch.no_grad()
-def evaluate(model, loader, *, accelerator, normalize) -> dict:
-    """Each rank evaluates its disjoint share (see data.EvalStream); the sums are all-reduced.
+def evaluate(model, loader, *, accelerator, normalize, num_classes: int = 2, split: str = "test",
+             tta: str = "none") -> dict:
+    """Each rank evaluates its disjoint share (see data.EvalStream); the loss sum and the confusion matrix
+    are all-reduced. Returns `{split}_loss`, `_acc`, `_samples` and the per-class metrics (class_metrics).
     `model` must be the unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
     with different numbers of eval batches would not match."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    c = num_classes
+    sums = torch.zeros(1 + c * c, dtype=torch.float64, device=accelerator.device)   # loss sum, confusion
     start = time.perf_counter()
     for images, labels in loader:
         images, labels = normalize(images, labels)
-        _, losses, correct = batch_loss(model, images, labels, accelerator, 1.0)
-        sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
-        sums[2] += len(labels)       # a Python number: no blocking host-to-device copy
-    loss_sum, correct_sum, n = distributed.all_reduce(sums.tolist(), accelerator.device)
-    return dict(test_loss=loss_sum / max(n, 1), test_acc=correct_sum / max(n, 1), test_samples=int(n),
+        losses, predicted = eval_batch(model, images, labels, accelerator, tta)
+        sums[0] += losses.sum().to(sums)
+        sums[1:] += torch.bincount(labels * c + predicted, minlength=c * c).to(sums)
+    totals = distributed.all_reduce(sums.tolist(), accelerator.device)
+    confusion = torch.tensor(totals[1:], dtype=torch.float64).view(c, c)
+    n = int(confusion.sum())
+    return dict(**{f"{split}_loss": totals[0] / max(n, 1), f"{split}_acc": confusion.trace().item() / max(n, 1),
+                   f"{split}_samples": n}, **class_metrics(confusion, split),
                 eval_time=time.perf_counter() - start)
+
+
+def class_metrics(confusion: torch.Tensor, split: str) -> dict:
+    """From a confusion matrix (rows: true class, columns: predicted): per-class precision and recall (0 where
+    undefined), balanced accuracy (the mean recall) and the matrix itself as lists."""
+    diag = confusion.diagonal()
+    recall = diag / confusion.sum(dim=1).clamp_min(1)
+    precision = diag / confusion.sum(dim=0).clamp_min(1)
+    present = confusion.sum(dim=1) > 0       # a class absent from this split (e.g. --eval-limit) is left out
+    return {f"{split}_balanced_acc": recall[present].mean().item() if present.any() else 0.0, f"{split}_precision": precision.tolist(),
+            f"{split}_recall": recall.tolist(), f"{split}_confusion": confusion.long().tolist()}

@@ -122,3 +122,37 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     # processes).
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
+
+
+def load_trained(path: str, *, flag: str = "--model", ema: bool = False) -> tuple[nn.Module, dict]:
+    """A run's model.pt (weights_only) -> (model in eval mode on the CPU, the saved dict). The architecture is
+    the one model.pt names (train.py --arch), built without weights, its head sized to the classes; ema=True
+    loads the EMA weights (train.py --ema-decay) instead of the raw ones. Problems are one-line UsageErrors
+    naming `flag` and `path`."""
+    import os
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
+        import pickle
+        why = ("not a PyTorch file that loads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
+               else (str(e).strip().splitlines() or [""])[0][:120])
+        raise UsageError(f"{flag} {path}: not a loadable model.pt ({type(e).__name__}: {why})") from None
+    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UsageError(f"{flag} {path}: not a train.py model.pt (missing {', '.join(missing)})")
+    if ema and not saved.get("ema_state_dict"):
+        raise UsageError(f"{flag} {path}: --ema, but this run kept no EMA weights (train.py --ema-decay D keeps them)")
+    arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
+    try:
+        model = archs.create(arch)
+    except UsageError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+    archs.replace_head(model, archs.find_head(model), len(classes))
+    try:
+        model.load_state_dict(saved["ema_state_dict" if ema else "state_dict"])
+    except RuntimeError as e:
+        raise UsageError(f"{flag} {path}: weights do not fit {arch} with {len(classes)} classes "
+                         f"({str(e).splitlines()[0][:120]})") from None
+    return model.eval(), saved

@@ -142,6 +142,19 @@ class Monitor:
                    f"(compute only {record['compute_examples_per_sec']:.1f}, data wait "
                    f"{100 * record['data_wait_frac']:.1f}%, epoch {record['epoch_time']:.1f}s)")
 
+    def class_metrics(self, record: dict, classes: list[str], step: int):
+        """Per-class precision and recall and balanced accuracy as scalars, the confusion matrix as an image,
+        for every evaluated split in `record` (test, val, ema_test, ema_val)."""
+        if not self.writer:
+            return
+        for split in (k[:-len("_confusion")] for k in record if k.endswith("_confusion")):
+            values = {f"{split}/balanced_acc": record[f"{split}_balanced_acc"]}
+            for i, name in enumerate(classes):
+                values[f"{split}/precision/{name}"] = record[f"{split}_precision"][i]
+                values[f"{split}/recall/{name}"] = record[f"{split}_recall"][i]
+            self.scalars(values, step)
+            self.writer.add_image(f"{split}/confusion", confusion_image(record[f"{split}_confusion"]), step)
+
     def hparams(self, hparams: dict, metrics: dict):
         """hparams with final metrics, in the run's own event directory (TensorBoard's HPARAMS tab)."""
         self.trackers.log(metrics, None)
@@ -165,3 +178,12 @@ class Monitor:
             self.writer.close()
             self.writer = None
         self.trackers.finish()
+
+
+def confusion_image(confusion: list[list[int]], cell: int = 16) -> torch.Tensor:
+    """A CHW image of a confusion matrix (rows: true class, columns: predicted), each cell `cell` pixels,
+    shaded by the fraction of its row (white: none, dark blue: all)."""
+    m = torch.tensor(confusion, dtype=torch.float32)
+    frac = m / m.sum(dim=1, keepdim=True).clamp_min(1)
+    shade = torch.stack([1 - frac, 1 - frac, 1 - 0.5 * frac])          # white -> dark blue
+    return shade.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)

@@ -22,16 +22,21 @@ TINY = ["--batch-size", "8", "--image-size", "32", "--workers", "0", "--precisio
 
 
 def _prep(tmp: Path, name: str, train_per_class: int, test_per_class: int, per_shard: int,
-          drop_test: int = 0) -> Path:
+          drop_test: int = 0, extra: tuple = (), swap_test: bool = False) -> Path:
     from data_prep import main as data_prep_main
     from data_prep.synthetic import make_synthetic
     src = make_synthetic(tmp / f"{name}-src", train_per_class=train_per_class, test_per_class=test_per_class,
                          min_side=32, max_side=56, seed=1)
     for path in sorted((src / "test" / "not-hotdog").glob("*.jpg"))[:drop_test]:
         path.unlink()    # an odd test count: the eval split over 2 ranks is uneven
+    if swap_test:    # test labels inverted: a model that gets better on val gets worse on test
+        test = src / "test"
+        (test / "hotdog").rename(test / "tmp")
+        (test / "not-hotdog").rename(test / "hotdog")
+        (test / "tmp").rename(test / "not-hotdog")
     out = tmp / name
     assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", str(per_shard),
-                           "--no-progress"]) == 0
+                           "--no-progress", *map(str, extra)]) == 0
     return out
 
 
@@ -39,6 +44,14 @@ def _prep(tmp: Path, name: str, train_per_class: int, test_per_class: int, per_s
 def shards(tmp_path_factory) -> Path:
     """40 train samples in 5 shards (uneven over 2 ranks), 13 test samples in 2 shards."""
     return _prep(tmp_path_factory.mktemp("data"), "shards", 20, 7, per_shard=8, drop_test=1)
+
+
+@pytest.fixture(scope="session")
+def val_shards(tmp_path_factory) -> Path:
+    """Like `shards` plus a val split (--val-fraction 0.25: 30 train, 10 val), with the TEST labels swapped,
+    so that val and test disagree about which epoch is best."""
+    return _prep(tmp_path_factory.mktemp("data"), "val-shards", 20, 7, per_shard=8,
+                 extra=("--val-fraction", 0.25), swap_test=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from finetune import EXIT_PREEMPTED, checkpoint
 
 # 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer, read by 2
 # loader workers (a resume at an odd step must still get the batches in their order).
+# --ema-decay: the EMA of the weights must resume bitwise too.
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "3",
-        "--eval-limit", "4", *TINY, "--workers", "2"]
+        "--eval-limit", "4", *TINY, "--workers", "2", "--ema-decay", "0.9"]
 
 
 def ckpts(run_dir):
@@ -35,17 +36,36 @@ def reference(shards, imagenet_like, tmp_path_factory):
 
 
 def assert_same_weights(a, b):
-    sa, sb = load_model_pt(a)["state_dict"], load_model_pt(b)["state_dict"]
-    assert sa.keys() == sb.keys()
-    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not different, different[:5]
+    for key in ("state_dict", "ema_state_dict"):        # the raw weights and their EMA
+        sa, sb = load_model_pt(a)[key], load_model_pt(b)[key]
+        assert sa.keys() == sb.keys()
+        different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not different, (key, different[:5])
 
 
-def test_keeps_the_last_k_and_the_best(reference):
+def test_keeps_the_last_k_and_no_best_without_a_val_split(reference):
     assert ckpts(reference) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]   # --keep-last 3
-    best = torch.load(reference / "checkpoints" / "best.pt", weights_only=True)
-    accs = [e["test_acc"] for e in read_json(reference / "metrics.json")["epochs"]]
-    assert best["best_acc"] == max(accs) and best["step"] == 4 * (accs.index(max(accs)) + 1)
+    assert not (reference / "checkpoints" / "best.pt").exists()      # the test set never chooses
+    metrics = read_json(reference / "metrics.json")
+    assert metrics["chosen"]["checkpoint"] == "last" and "no val split" in metrics["chosen"]["why"]
+    assert metrics["final"] == metrics["epochs"][-1] and load_model_pt(reference)["chosen"] == metrics["chosen"]
+    ema = torch.load(reference / "checkpoints" / "ckpt-00000008.pt", weights_only=True)["ema"]
+    assert int(ema["n_averaged"]) == 8                                  # updated once per optimizer step
+    assert {"ema_test_acc", "test_balanced_acc", "test_confusion"} <= set(metrics["final"])
+
+
+def test_best_is_chosen_on_val_even_when_test_disagrees(tmp_path):
+    """Test peaks at epoch 1, val at epoch 3: best.pt follows val; test accuracy never moves the choice."""
+    state = checkpoint.TrainState.fresh(torch.device("cpu"))
+    flags = [state.end_epoch(dict(epoch=e, test_acc=t, val_acc=v))
+             for e, (t, v) in enumerate([(0.9, 0.5), (0.8, 0.6), (0.5, 0.7), (0.95, 0.65)], start=1)]
+    assert flags == [True, True, True, False]
+    assert (state.best_epoch, state.best_acc, state.epochs_since_best) == (3, 0.7, 1)
+    no_val = checkpoint.TrainState.fresh(torch.device("cpu"))
+    assert not any(no_val.end_epoch(dict(epoch=e, test_acc=0.1 * e)) for e in (1, 2, 3))
+    saved = checkpoint.TrainState.from_checkpoint({**state.to_checkpoint(), "train_sums": [[0, 0, 0]]}, 0, 1,
+                                                  torch.device("cpu"))
+    assert (saved.best_epoch, saved.epochs_since_best, saved.stopped_early) == (3, 1, False)
 
 
 def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):

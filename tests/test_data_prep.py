@@ -228,6 +228,56 @@ def test_class_folders_with_test_fraction(tmp_path, capsys):
     assert again["splits"] == manifest["splits"]
 
 
+def test_val_fraction_carves_a_stratified_reproducible_val_split(tmp_path, capsys):
+    src = make_synthetic(tmp_path / "src", train_per_class=10, test_per_class=2, min_side=24, max_side=32)
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "--source", src, "--out", out, "--val-fraction", 0.3, "--workers", 1,
+                          "--no-progress")
+    assert code == 0 and "14 train + 6 val + 4 test samples" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["class_counts"] == [7, 7]
+    assert manifest["splits"]["val"]["class_counts"] == [3, 3]          # stratified: 30% of each class
+    assert manifest["splits"]["test"]["class_counts"] == [2, 2]          # test untouched
+    train_keys = {s["__key__"] for s in read_split(out, "train")}
+    val_keys = {s["__key__"] for s in read_split(out, "val")}
+    assert not train_keys & val_keys and len(train_keys | val_keys) == 20
+    code, stdout, _ = run(capsys, "verify", out)
+    assert code == 0 and "6 val samples" in stdout
+    from data_prep.manifest import read_manifest, split_names
+    assert split_names(read_manifest(out)) == ("train", "test", "val")
+    # Reproducible, and a different seed picks other images.
+    again = prepare(src, tmp_path / "again", val_fraction=0.3, workers=1, log=lambda _: None)
+    assert again["splits"] == manifest["splits"]
+    other = prepare(src, tmp_path / "other", val_fraction=0.3, seed=5, workers=1, log=lambda _: None)
+    assert {s["__key__"] for s in read_split(tmp_path / "other", "val")} != val_keys
+    # Adding photos to a class keeps every existing val image in val (content hash, not a reshuffle).
+    for i in range(4):
+        img = Image.new("RGB", (30, 30), (i * 60, 90, 20))
+        img.save(src / "train" / "hotdog" / f"new{i}.jpg")
+    grown = prepare(src, tmp_path / "grown", val_fraction=0.3, workers=1, log=lambda _: None)
+    grown_val = {s["__key__"] for s in read_split(tmp_path / "grown", "val")}
+    assert grown["splits"]["val"]["class_counts"] == [4, 3]
+    moved = (val_keys - grown_val) | {k for k in grown_val - val_keys if "new" not in k}
+    assert len(moved) <= 1, f"adding 4 photos reshuffled the val split: {moved}"
+
+
+def test_verify_reports_an_image_in_both_train_and_val(tmp_path, capsys):
+    src = make_synthetic(tmp_path / "src", train_per_class=6, test_per_class=2, min_side=24, max_side=32)
+    out = tmp_path / "out"
+    prepare(src, out, val_fraction=0.5, samples_per_shard=100, workers=1, log=lambda _: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    train0 = read_split(out, "train")[0]
+    val_tar = out / manifest["splits"]["val"]["shards"][0]["name"]
+    samples = [s for s in read_split(out, "val")]
+    samples[0] = {"__key__": train0["__key__"], "jpg": samples[0]["jpg"], "cls": samples[0]["cls"]}
+    val_tar.unlink()
+    with wds.TarWriter(str(val_tar)) as sink:
+        for s in samples:
+            sink.write({k: s[k] for k in ("__key__", "jpg", "cls")})
+    code, _, err = run(capsys, "verify", out)
+    assert code == 1 and f"duplicate key {train0['__key__']!r}" in err
+
+
 def test_reencoding_resizing_and_keys(tmp_path, capsys):
     root = tmp_path / "src"
     for split in ("train", "test"):
@@ -320,6 +370,7 @@ def test_layout_errors_exit_2_with_one_line_and_no_output(src, tmp_path, capsys,
         (["--source", "S", "--out", "X", "--max-side", "64", "--shorter-side", "64"], "--shorter-side"),
         (["--source", "S", "--out", "X", "--workers", "0"], "--workers"),
         (["--source", "S", "--out", "X", "--test-fraction", "1.5"], "--test-fraction"),
+        (["--source", "S", "--out", "X", "--val-fraction", "0"], "--val-fraction"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(src, tmp_path, capsys, argv, needle):

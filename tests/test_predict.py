@@ -154,6 +154,21 @@ def test_probabilities_are_the_models_softmax(trained, photos):
     assert top[0][1] == pytest.approx(float(probs.max()), abs=1e-5)
 
 
+def test_tta_flip_averages_the_image_and_its_mirror(trained, photos):
+    from finetune.data import DeviceNormalizer
+    _, files = photos
+    net, classes, spec = predict.load_model(trained["model"], torch.device("cpu"))
+    norm = DeviceNormalizer(torch.device("cpu"), False, mean=spec["mean"], std=spec["std"])
+    (_, plain), = predict.predict(net, norm, classes, [files[0]], spec, 8, 2, on_error=None)
+    (_, flipped), = predict.predict(net, norm, classes, [files[0]], spec, 8, 2, on_error=None, tta="flip")
+    (x,), = [b for _, b in predict.batches([files[0]], spec, 8, None)]
+    x = norm(x[None])[0]
+    with torch.no_grad():
+        expected = ((torch.softmax(net(x), 1) + torch.softmax(net(x.flip(3)), 1)) / 2)[0]
+    assert dict(flipped)[classes[0]] == pytest.approx(float(expected[0]), abs=1e-5)
+    assert dict(flipped) != dict(plain)
+
+
 def test_command_line_script(trained, photos):
     root, _ = photos
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -77,7 +77,10 @@ def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
                                                         "_hparams_/session_end_info"}
     assert events.Scalars("final/test_acc")[-1].value == pytest.approx(last["test/acc"])
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert "best.pt" in ckpts and any(n.startswith("ckpt-") for n in ckpts)
+    # No val split in these shards: nothing is "best" (the test set never chooses), so no best.pt, and
+    # model.pt is the last epoch's, which metrics.json says (issue 12 item 1).
+    assert "best.pt" not in ckpts and any(n.startswith("ckpt-") for n in ckpts)
+    assert read_json(run_dir / "metrics.json")["chosen"]["checkpoint"] == "last"
 
 
 def test_one_update_is_independent_of_the_process_count(shards, imagenet_like, tmp_path):
@@ -243,3 +246,86 @@ def test_config_yaml_with_overrides_is_saved(shards, imagenet_like, tmp_path):
     import yaml
     saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert saved["epochs"] == 1 and saved["lr"] == 0.001 and saved["batch_size"] == 8
+
+
+def test_early_stop_on_val_at_the_same_epoch_on_both_ranks(val_shards, imagenet_like, tmp_path):
+    """--patience 1 with a learning rate too small to change a prediction: val accuracy cannot improve after
+    epoch 1, so both ranks stop after epoch 2 of 5 (a rank stopping alone would hang the other: the run
+    must finish), best.pt is epoch 1's checkpoint, chosen on val, and the report says so."""
+    run_dir = tmp_path / "run"
+    proc = run_train(["--data", val_shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", 5,
+                      "--max-steps-per-epoch", 2, "--patience", 1, "--lr", "1e-12", "--freeze-bn", *TINY], procs=2)
+    assert "early stop after epoch 2" in proc.stdout
+    ranks = [read_json(run_dir / "ranks" / f"rank-{r}.json") for r in (0, 1)]
+    assert [(r["epochs_trained"], r["stopped_early"]) for r in ranks] == [(2, True), (2, True)]
+    metrics = read_json(run_dir / "metrics.json")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert all(e["val_samples"] == 10 and e["test_samples"] == 14 for e in metrics["epochs"])
+    assert metrics["chosen"] == dict(checkpoint="best.pt", epoch=1, on="val_acc",
+                                     val_acc=metrics["epochs"][0]["val_acc"])
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
+    assert "model.pt = best.pt, epoch 1 of 2, chosen on val" in proc.stdout
+    assert len(metrics["final"]["val_confusion"]) == 2 and 0 <= metrics["final"]["val_balanced_acc"] <= 1
+    # A resume of the finished, early-stopped run trains nothing more.
+    again = run_train(["--data", val_shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", 5,
+                       "--max-steps-per-epoch", 2, "--patience", 1, "--lr", "1e-12", "--freeze-bn", *TINY, "--resume", "auto"])
+    assert "epoch 3:" not in again.stdout and len(read_json(run_dir / "metrics.json")["epochs"]) == 2
+
+
+def test_patience_without_a_val_split_is_one_line(shards, tmp_path):
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--patience", 2, *TINY], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--val-fraction" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_per_class_metrics_from_the_confusion_matrix():
+    from finetune.loop import class_metrics
+    m = class_metrics(torch.tensor([[8.0, 2.0], [1.0, 3.0]]), "val")    # rows: true class
+    assert m["val_confusion"] == [[8, 2], [1, 3]]
+    assert m["val_recall"] == pytest.approx([0.8, 0.75]) and m["val_precision"] == pytest.approx([8 / 9, 0.6])
+    assert m["val_balanced_acc"] == pytest.approx(0.775)
+
+
+def test_tta_flip_averages_the_image_and_its_mirror():
+    from accelerate import Accelerator
+    from finetune.loop import eval_batch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    model(images)
+    acc = Accelerator(cpu=True)
+    losses, predicted = eval_batch(model, images, labels, acc, "flip")
+    probs = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
+    assert torch.equal(predicted, probs.argmax(1))
+    assert torch.allclose(losses, -probs[torch.arange(4), labels].log())
+    plain_losses, _ = eval_batch(model, images, labels, acc, "none")
+    assert not torch.allclose(plain_losses, losses)      # the mirror really changed the answer
+
+
+def test_class_balanced_loss_improves_balanced_accuracy_on_a_9_to_1_set():
+    """A generated 9:1 two-class set (overlapping Gaussians): the same training with --class-balance loss's
+    weights (from the class counts) gets a higher balanced accuracy than 'none'."""
+    from accelerate import Accelerator
+    from finetune.loop import batch_loss, class_metrics, class_weights
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(900, 2, generator=g), torch.randn(100, 2, generator=g) + 1.5])
+    y = torch.cat([torch.zeros(900, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    acc = Accelerator(cpu=True)
+
+    def balanced_acc(mode):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        weight = class_weights([900, 100], mode, torch.device("cpu"))
+        for _ in range(200):
+            loss, _, _ = batch_loss(model, x, y, acc, 1 / len(y), weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        pred = model(x).argmax(1)
+        return class_metrics(torch.bincount(y * 2 + pred, minlength=4).view(2, 2).double(), "t")["t_balanced_acc"]
+
+    assert class_weights([900, 100], "none", torch.device("cpu")) is None
+    assert class_weights([900, 100], "loss", torch.device("cpu")).tolist() == pytest.approx([1000 / 1800, 5.0])
+    none, balanced = balanced_acc("none"), balanced_acc("loss")
+    assert balanced > none + 0.05, (none, balanced)
