@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import UsageError, distributed
+from .config import parse_signals
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -25,10 +26,7 @@ class PreemptionFlag:
     def __init__(self, names: str):
         self.requested = False
         self.signal_name = None
-        for name in filter(None, (n.strip().upper() for n in names.split(","))):
-            sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-            if not isinstance(sig, signal.Signals):
-                raise UsageError(f"--preempt-signals: unknown signal '{name}'")
+        for sig in parse_signals(names):
             signal.signal(sig, self._handler)
 
         self.stopping = False       # set by stop_now() / poll(): every rank agreed to stop

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,6 +17,24 @@ from .arch import check_name as check_arch
 from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signals(names: str) -> list:
+    """--preempt-signals 'USR1,TERM' -> [signal.SIGUSR1, signal.SIGTERM]; a UsageError for an unknown signal
+    or one no handler can catch (KILL, STOP) -- checked by parse_config, before anything is written."""
+    result = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        full = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, full, None)
+        if not isinstance(sig, signal.Signals):
+            raise UsageError(f"--preempt-signals: unknown signal '{name}'")
+        if full in UNCATCHABLE:
+            raise UsageError(f"--preempt-signals: {full} cannot be caught by any process; use USR1 or TERM")
+        result.append(sig)
+    return result
 
 
 def _positive_int(text: str) -> int:
@@ -247,6 +266,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
             parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
     parse_log_with(cfg.log_with)     # a UsageError (one line, exit 2) before anything is written
+    parse_signals(cfg.preempt_signals)
     try:
         check_arch(cfg.arch)
     except UsageError as e:
