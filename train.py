@@ -20,7 +20,9 @@ Exit codes: 0 done, 2 usage error, 75 stopped by a preemption signal after savin
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,8 @@ from finetune.trackers import parse_log_with
 
 def run(cfg: Config) -> int:
     """The steps of a run, in order. Each returns what the later ones need."""
+    # First: a preemption signal during start-up (model download, checkpoint load) must not kill the job.
+    preempt = PreemptionFlag(cfg.preempt_signals)
     job = set_up(cfg)
     data = make_data(job)
     normalize = make_normalizer(job)
@@ -49,7 +53,7 @@ def run(cfg: Config) -> int:
     checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
                                 cfg.to_dict())
     state = resume(job, checkpointer)
-    if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
+    if fit(job, data, model, optimizer, normalize, checkpointer, state, weights, preempt) == EXIT_PREEMPTED:
         job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         job.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
@@ -87,6 +91,7 @@ def set_up(cfg: Config) -> Job:
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
     who = distributed.describe(accelerator, cfg.run_dir())
+    _test_startup_delay()
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
@@ -95,6 +100,13 @@ def set_up(cfg: Config) -> Job:
     set_seed(cfg.seed)
     distributed.configure_backends(accelerator.device, cfg.debug)
     return Job(cfg, accelerator, manifest, monitor, who, preprocess)
+
+
+def _test_startup_delay() -> None:
+    """Tests simulate a slow start-up (a model download) to send a signal during it."""
+    delay = float(os.environ.get("FINETUNE_TEST_STARTUP_DELAY_S", "0") or 0)
+    if delay:
+        time.sleep(delay)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -182,11 +194,14 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
 
 
 def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpointer, state: TrainState,
-        weights: str) -> int:
+        weights: str, preempt: PreemptionFlag) -> int:
     """Train the remaining epochs, evaluating and checkpointing after each. Returns 0, or EXIT_PREEMPTED
     after saving a checkpoint when a preemption signal arrived."""
     cfg, acc, monitor = job.cfg, job.accelerator, job.monitor
-    preempt = PreemptionFlag(cfg.preempt_signals)
+    if state.epoch < cfg.epochs and preempt.stop_now(acc.device):   # a signal during start-up: nothing new
+        monitor.print(f"{preempt.signal_name or 'a preemption signal'} received during start-up: nothing "
+                      f"trained yet, nothing to save; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
+        return EXIT_PREEMPTED
     while state.epoch < cfg.epochs:
         metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
                                   state, steps=data.steps, cfg=cfg, accelerator=acc, normalize=normalize,

@@ -176,3 +176,16 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     assert code != 0 and 5 < elapsed < 60, (code, elapsed)
     log0 = (tmp_path / "node0.log").read_text()
     assert "train.py: error: rank 0: a collective with the other ranks failed" in log0, log0[-3000:]
+
+
+def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
+    """Item 20: the handler is installed before set-up; a SIGUSR1 while the job starts (here: right after the
+    rank file appears, during a simulated slow start) ends it with 75, not a death by signal (-10)."""
+    run_dir = tmp_path / "run"
+    proc = start_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS],
+                       log=tmp_path / "log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "3"})
+    wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the rank file", [proc])
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-2000:]
+    assert "received during start-up" in (tmp_path / "log").read_text()
+    assert ckpts(run_dir) == []
