@@ -114,6 +114,7 @@ class Checkpointer:
         self.accelerator, self.optimizer = accelerator, optimizer
         self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
         self.directory, self.keep_last, self.config = Path(directory), keep_last, config
+        self.log = print                 # restore() sets the run's logger (the pruning line)
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
         acc, world = self.accelerator, self.accelerator.num_processes
@@ -124,7 +125,7 @@ class Checkpointer:
                 save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
-                          world_size=world), self.directory, self.keep_last, is_best)
+                          world_size=world), self.directory, self.keep_last, is_best, log=self.log)
                 _test_delay()
             acc.wait_for_everyone()
 
@@ -135,9 +136,12 @@ class Checkpointer:
         if not resume and any(self.directory.glob("ckpt-*.pt")):
             raise UsageError(f"{self.directory.parent} already holds checkpoints of an earlier run: pass --resume "
                              f"auto to continue it, or choose another --output-dir / --name")
+        self.log = log
         saved = find_resume(resume, self.directory, log=log)
         if saved is None:
             return TrainState.fresh(acc.device)
+        if resume != "auto" and acc.is_main_process:
+            abandon_newer(self.directory, saved["step"], log=log)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if acc.scaler is not None and saved.get("scaler"):
@@ -185,7 +189,7 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool) -> Path:
+def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool, log=print) -> Path:
     """Called on the main process only. state['step'] names the file."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt-{state['step']:08d}.pt"
@@ -194,9 +198,42 @@ def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool) -> Path:
         tmp = ckpt_dir / f".best.pt.tmp-{os.getpid()}"
         os.link(path, tmp)          # a hard link: best.pt survives the pruning of its ckpt-*.pt name
         os.replace(tmp, ckpt_dir / "best.pt")
-    for old in sorted(p for p in ckpt_dir.iterdir() if CKPT.match(p.name))[:-keep_last]:
-        old.unlink()
+    prune(ckpt_dir, path, keep_last, log)
     return path
+
+
+def _step(path: Path) -> int:
+    return int(CKPT.match(path.name).group(1))
+
+
+def prune(ckpt_dir: Path, just_written: Path, keep_last: int, log=print) -> list[Path]:
+    """Keep `just_written` and the keep_last - 1 newest checkpoints before it; delete older ones of this
+    lineage only: a checkpoint with a later step than the one just written is never touched (after a
+    --resume PATH to an older one, abandon_newer() has already moved those aside)."""
+    mine = _step(just_written)
+    older = sorted((p for p in ckpt_dir.iterdir() if CKPT.match(p.name) and _step(p) < mine), key=_step)
+    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    for old in doomed:
+        old.unlink()
+    if doomed:
+        log(f"pruned {len(doomed)} checkpoint(s) (--keep-last {keep_last}): {', '.join(p.name for p in doomed)}")
+    return doomed
+
+
+def abandon_newer(ckpt_dir: Path, step: int, log=print) -> Path | None:
+    """Resuming from an older checkpoint than the directory's newest starts a new lineage (like `git reset`):
+    the newer checkpoints are not deleted but moved into checkpoints/abandoned/from-STEP-TIME/, so that
+    pruning cannot delete what is written next and --resume auto cannot pick the abandoned branch."""
+    newer = sorted(p for p in ckpt_dir.glob("ckpt-*.pt") if CKPT.match(p.name) and _step(p) > step)
+    if not newer:
+        return None
+    import time
+    dest = ckpt_dir / "abandoned" / f"from-{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dest.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, dest / p.name)
+    log(f"resuming from step {step}: moved {len(newer)} newer checkpoint(s) of the abandoned branch to {dest}")
+    return dest
 
 
 # ------------------------------------------------------------------------------------------------------

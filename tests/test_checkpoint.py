@@ -189,3 +189,30 @@ def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-2000:]
     assert "received during start-up" in (tmp_path / "log").read_text()
     assert ckpts(run_dir) == []
+
+
+def _fake(step):
+    return dict(model={"w": torch.full((2,), float(step))}, step=step, epoch=0)
+
+
+def test_pruning_keeps_this_lineage_after_resume_to_an_older_checkpoint(tmp_path):
+    """Item 6: ckpt 13..16 exist; --resume PATH to ckpt-12 then saving 13 with --keep-last 1 must keep the new
+    ckpt-13, move the abandoned 13..16 aside (not delete them), and --resume auto must then pick 13."""
+    d = tmp_path / "checkpoints"
+    for step in range(12, 17):
+        checkpoint.save(_fake(step), d, keep_last=10, is_best=False)
+    lines = []
+    dest = checkpoint.abandon_newer(d, 12, log=lines.append)
+    assert sorted(p.name for p in dest.iterdir()) == [f"ckpt-{s:08d}.pt" for s in range(13, 17)]
+    checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lines.append)
+    assert ckpts(tmp_path) == ["ckpt-00000013.pt"]
+    assert any("pruned 1 checkpoint(s)" in line and "ckpt-00000012.pt" in line for line in lines), lines
+    assert checkpoint.find_resume("auto", d)["step"] == 13
+
+
+def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step in (5, 16):
+        checkpoint.save(_fake(step), d, keep_last=10, is_best=False)
+    checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lambda _: None)
+    assert ckpts(tmp_path) == ["ckpt-00000013.pt", "ckpt-00000016.pt"]
