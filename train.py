@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 
 from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed
 from finetune.arch import describe_preprocessing, preprocessing
-from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save
+from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
 from finetune.config import Config, parse_config, save_config
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader)
@@ -51,7 +51,8 @@ def run(cfg: Config) -> int:
     normalize = make_normalizer(job)
     model, optimizer, weights = build_model_and_optimizer(job)
     checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
-                                cfg.to_dict())
+                                cfg.to_dict(), run_identity(job.manifest.classes,
+                                                            job.manifest.train.shards + job.manifest.test.shards))
     state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights, preempt) == EXIT_PREEMPTED:
         job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)

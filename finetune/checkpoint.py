@@ -110,10 +110,12 @@ class Checkpointer:
     the config), where it goes (`directory`), how many are kept (`keep_last`) and best.pt.
     save() and restore() are collective: every rank calls them; only the main process writes."""
 
-    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict):
+    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict,
+                 identity: dict | None = None):
         self.accelerator, self.optimizer = accelerator, optimizer
         self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
         self.directory, self.keep_last, self.config = Path(directory), keep_last, config
+        self.identity = identity or {}   # run_identity(): classes and data set, checked on resume
         self.log = print                 # restore() sets the run's logger (the pruning line)
 
     def save(self, state: TrainState, is_best: bool = False) -> None:
@@ -125,34 +127,103 @@ class Checkpointer:
                 save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
+                          identity=self.identity,
                           world_size=world), self.directory, self.keep_last, is_best, log=self.log)
                 _test_delay()
             acc.wait_for_everyone()
 
     def restore(self, resume: str, log=print) -> TrainState:
-        """--resume '' (start afresh, refused if the directory already holds checkpoints), auto or PATH:
-        load model, optimizer, scaler and this rank's RNG; return where training stands."""
-        acc, world, rank = self.accelerator, self.accelerator.num_processes, self.accelerator.process_index
+        """--resume '' (start afresh, refused if the directory already holds checkpoints), auto or PATH.
+        Rank 0 decides which checkpoint (and whether it fits this run); every rank loads that same file, or
+        the job stops with one line if a rank cannot read it. Returns where training stands."""
+        acc, rank = self.accelerator, self.accelerator.process_index
+        self.log = log
+        problem, path, saved = None, None, None
+        if acc.is_main_process:
+            try:
+                path, saved = self._decide(resume, log)
+            except UsageError as e:
+                problem = str(e)
+        problem, path = distributed.gather((problem, path and str(path)), acc.num_processes)[0]
+        if problem:
+            raise UsageError(problem)
+        if path is None:
+            return TrainState.fresh(acc.device)
+        if saved is None:
+            try:
+                saved = load(Path(path), REQUIRED)
+            except Exception as e:  # noqa: BLE001
+                problem = (f"rank {rank} cannot read {path}, the checkpoint rank 0 resumes from ({type(e).__name__}); "
+                           f"the run directory must be on a filesystem every rank sees")
+        distributed.agree(acc, problem)
+        if resume != "auto" and acc.is_main_process:
+            abandon_newer(self.directory, saved["step"], log=log)
+        return self._load_into(saved, log)
+
+    def _decide(self, resume: str, log) -> tuple[Path | None, dict | None]:
+        """Rank 0: the checkpoint to resume from (None: start afresh), checked against this run."""
         if not resume and any(self.directory.glob("ckpt-*.pt")):
             raise UsageError(f"{self.directory.parent} already holds checkpoints of an earlier run: pass --resume "
                              f"auto to continue it, or choose another --output-dir / --name")
-        self.log = log
-        saved = find_resume(resume, self.directory, log=log)
-        if saved is None:
-            return TrainState.fresh(acc.device)
-        if resume != "auto" and acc.is_main_process:
-            abandon_newer(self.directory, saved["step"], log=log)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        path, saved = decide_resume(resume, self.directory, log=log, required=REQUIRED)
+        if saved is not None:
+            check_compatible(saved, self.config, self.identity, log)
+        return path, saved
+
+    def _load_into(self, saved: dict, log) -> TrainState:
+        acc, world, rank = self.accelerator, self.accelerator.num_processes, self.accelerator.process_index
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:160]})") from None
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"][rank % len(saved["rng"])])
+        set_rng_state(saved["rng"][rank % len(saved["rng"])])     # fewer ranks than saved: fine
         state = TrainState.from_checkpoint(saved, rank, world, acc.device)
         log(f"resumed from step {state.global_step} (epoch {state.epoch + 1}, step {state.step_in_epoch})")
         if saved["world_size"] != world:
             log(f"note: the checkpoint was written by {saved['world_size']} processes, this run has "
                 f"{world}: training goes on, but the data order differs from an uninterrupted run")
         return state
+
+
+# ------------------------------------------------------------------------------------------------------
+# Does a checkpoint fit this run?
+# ------------------------------------------------------------------------------------------------------
+REQUIRED = ("model", "optimizer", "rng", "train_sums", "epoch", "step_in_epoch", "step", "metrics", "best_acc",
+            "world_size", "config")
+
+
+def run_identity(classes: list, shards: list) -> dict:
+    """What a checkpoint must share with the run that resumes it: the class names (in order) and the data
+    set (a digest of the manifest's shard names and sha256s)."""
+    import hashlib
+    import json
+    digest = hashlib.sha256(json.dumps([[s["name"], s["sha256"]] for s in shards]).encode()).hexdigest()
+    return dict(classes=list(classes), data_sha256=digest)
+
+
+def check_compatible(saved: dict, config: dict, identity: dict, log=print) -> None:
+    """Refuse (UsageError, one line) what cannot continue; one warning line per recipe change."""
+    old, old_id = saved["config"], saved.get("identity") or {}
+    if "classes" in old_id and old_id["classes"] != identity.get("classes"):
+        raise UsageError(f"cannot resume: the checkpoint was trained on classes {old_id['classes']}, this data "
+                         f"set has {identity.get('classes')}")
+    if "data_sha256" in old_id and old_id["data_sha256"] != identity.get("data_sha256"):
+        raise UsageError(f"cannot resume: the checkpoint was trained on another data set ({old.get('data')}, "
+                         f"other shards than {config.get('data')}); resume with the same --data")
+    if old.get("arch") != config.get("arch"):
+        raise UsageError(f"cannot resume: the checkpoint is --arch {old.get('arch')}, this run --arch "
+                         f"{config.get('arch')}")
+    if saved["step_in_epoch"] and old.get("batch_size") != config.get("batch_size"):
+        raise UsageError(f"cannot resume mid-epoch with another --batch-size ({old.get('batch_size')} -> "
+                         f"{config.get('batch_size')}): the epoch's remaining batches would differ; resume with "
+                         f"--batch-size {old.get('batch_size')}")
+    for key in ("lr", "batch_size", "epochs"):
+        if old.get(key) != config.get(key):
+            log(f"warning: resuming with --{key.replace('_', '-')} {config.get(key)} (the checkpoint used "
+                f"{old.get(key)}): the recipe changes from here on")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -239,29 +310,41 @@ def abandon_newer(ckpt_dir: Path, step: int, log=print) -> Path | None:
 # ------------------------------------------------------------------------------------------------------
 # Load
 # ------------------------------------------------------------------------------------------------------
-def load(path: Path) -> dict:
+def load(path: Path, required: tuple = ()) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise ValueError("not a train.py checkpoint")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise KeyError(f"damaged: missing {', '.join(missing)}")
     return state
 
 
-def find_resume(resume: str, ckpt_dir: Path, log=print) -> dict | None:
-    """--resume auto: newest complete checkpoint (damaged ones are skipped with a message); PATH: that one."""
+def find_resume(resume: str, ckpt_dir: Path, log=print, required: tuple = ()) -> dict | None:
+    return decide_resume(resume, ckpt_dir, log, required)[1]
+
+
+def decide_resume(resume: str, ckpt_dir: Path, log=print, required: tuple = ()) -> tuple[Path | None, dict | None]:
+    """--resume auto: newest complete checkpoint (damaged ones are skipped with a message); PATH: that one.
+    Returns (path, its contents), or (None, None) to start afresh."""
     if not resume:
-        return None
+        return None, None
     if resume != "auto":
         try:
-            return load(Path(resume))
+            return Path(resume), load(Path(resume), required)
         except FileNotFoundError:
             raise UsageError(f"--resume {resume}: no such file") from None
         except Exception as e:  # noqa: BLE001
-            raise UsageError(f"--resume {resume}: cannot load it ({type(e).__name__}: {e})") from None
+            raise UsageError(f"--resume {resume}: cannot load it ({type(e).__name__}: {_first(e)})") from None
     candidates = sorted((p for p in ckpt_dir.glob("ckpt-*.pt") if CKPT.match(p.name)), reverse=True)
     for path in candidates:
         try:
-            return load(path)
+            return path, load(path, required)
         except Exception as e:  # noqa: BLE001 -- a truncated/corrupt file: fall back to an older one
-            log(f"skipping damaged checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    return None
+            log(f"skipping damaged checkpoint {path} ({type(e).__name__}: {_first(e)})")
+    return None, None
 
+
+def _first(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return (text.splitlines() or [""])[0][:100]
