@@ -86,6 +86,7 @@ class Job:
 
 def set_up(cfg: Config) -> Job:
     accelerator = distributed.setup(cfg)
+    distributed.lock_run_dir(accelerator, cfg.run_dir())     # before anything is written into it
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "

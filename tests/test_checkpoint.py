@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,3 +217,23 @@ def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
         checkpoint.save(_fake(step), d, keep_last=10, is_best=False)
     checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lambda _: None)
     assert ckpts(tmp_path) == ["ckpt-00000013.pt", "ckpt-00000016.pt"]
+
+
+def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
+    """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
+    line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
+    from finetune import distributed
+    run_dir = tmp_path / "run"
+    args = ["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS]
+    first = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "60"})
+    try:
+        wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the first job's rank file", [first])
+        second = run_train(args, check=False)
+        assert second.returncode == 2, second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert "is in use by another job" in line and f"pid {first.pid}" in line, second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert (run_dir / ".lock").exists()                      # left behind, but no longer locked
+    distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
