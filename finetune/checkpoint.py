@@ -123,14 +123,25 @@ class Checkpointer:
         with distributed.patient():        # the others wait while rank 0 writes and fsyncs
             rngs = distributed.gather(rng_state(), world)
             train_sums = distributed.gather(state.sums.tolist(), world)
-            if acc.is_main_process:
-                save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                          scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                          rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
-                          identity=self.identity,
-                          world_size=world), self.directory, self.keep_last, is_best, log=self.log)
-                _test_delay()
-            acc.wait_for_everyone()
+            problem = self._write(state, is_best, rngs, train_sums) if acc.is_main_process else None
+            distributed.agree(acc, problem)     # a failed write (disk full) stops every rank with its line
+
+    def _write(self, state: TrainState, is_best: bool, rngs: list, train_sums: list) -> str | None:
+        """Rank 0: write the checkpoint; on an OSError (disk full, quota) the partial file is gone, the older
+        checkpoints are untouched (pruning only follows a complete write), and the one-line reason returned."""
+        acc = self.accelerator
+        try:
+            save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                      scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                      rng=rngs, train_sums=train_sums, **state.to_checkpoint(), config=self.config,
+                      identity=self.identity, world_size=acc.num_processes),
+                 self.directory, self.keep_last, is_best, log=self.log)
+        except OSError as e:
+            return (f"cannot write the checkpoint of step {state.global_step} to {self.directory}: "
+                    f"{e.strerror or e}; the partial file was removed and the older checkpoints are intact "
+                    f"-- free space, then restart with --resume auto")
+        _test_delay()
+        return None
 
     def restore(self, resume: str, log=print) -> TrainState:
         """--resume '' (start afresh, refused if the directory already holds checkpoints), auto or PATH.
@@ -253,11 +264,15 @@ def atomic_save(obj, path: Path) -> None:
     """Write to a temporary name in the same directory, fsync, then rename: a reader (or a crash) sees
     either the old file or the complete new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:           # disk full, quota, Ctrl-C: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool, log=print) -> Path:

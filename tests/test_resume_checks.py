@@ -103,3 +103,30 @@ def test_rank_0_decides_and_a_rank_that_cannot_read_it_stops_the_job(tmp_path, m
     (tmp_path / "ckpt-00000004.pt").unlink()        # not visible to rank 1
     with pytest.raises(UsageError, match="rank 1 cannot read .*ckpt-00000004.pt.*every rank sees"):
         checkpointer(empty, rank=1, world=2).restore("auto", log=lambda _: None)
+
+
+def test_disk_full_during_a_checkpoint_write(tmp_path, monkeypatch):
+    """Item 17: torch.save fails with ENOSPC halfway: the partial .tmp file is removed, ckpt-4 is intact, and
+    every rank (here rank 0, then rank 1 told by rank 0) stops with the same one line."""
+    import errno
+    write(tmp_path, step=4)
+    before = (tmp_path / "ckpt-00000004.pt").read_bytes()
+
+    def full_disk(obj, fh, *a, **k):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    state = TrainState.fresh(torch.device("cpu"))
+    state.global_step = 5
+    with pytest.raises(UsageError) as e:
+        checkpointer(tmp_path).save(state)
+    line = str(e.value)
+    assert "\n" not in line and "No space left on device" in line and "step 5" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000004.pt"]      # no .tmp, nothing pruned
+    assert (tmp_path / "ckpt-00000004.pt").read_bytes() == before
+
+    def gather(obj, world):                          # rank 1 of 2: the vote carries rank 0's problem
+        return [line, obj] if obj is None else [obj, obj]
+    monkeypatch.setattr(checkpoint.distributed, "gather", gather)
+    with pytest.raises(UsageError, match="No space left on device"):
+        checkpointer(tmp_path / "r1", rank=1, world=2).save(state)                # rank 1 writes nothing
