@@ -237,3 +237,33 @@ def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
         first.wait(timeout=60)
     assert (run_dir / ".lock").exists()                      # left behind, but no longer locked
     distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
+
+
+def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
+    """Item 8 through train.py: a checkpoint of resnet18 is not resumed as resnet34 (one line, exit 2)."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS, "--arch",
+                      "resnet34", "--resume", "auto"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: cannot resume: the checkpoint is "
+                                                           "--arch resnet18, this run --arch resnet34")
+
+
+def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, imagenet_like, reference,
+                                                                      tmp_path):
+    """Items 19 + 6 on 2 processes: --resume PATH to ckpt-6 of a finished run: both ranks load it (same final
+    weights), ckpt-7/8 of the abandoned branch are moved aside, not pruned, and the new 7/8 are kept."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    path = run_dir / "checkpoints" / "ckpt-00000006.pt"
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
+                      "--workers", "0", "--resume", path], procs=2)
+    assert "resumed from step 6" in proc.stdout and "moved 2 newer checkpoint(s)" in proc.stdout
+    (moved,) = (run_dir / "checkpoints" / "abandoned").iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["ckpt-00000007.pt", "ckpt-00000008.pt"]
+    assert ckpts(run_dir) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]
+    digests = {read_json(run_dir / "ranks" / f"rank-{r}.json")["final_param_sha256"] for r in (0, 1)}
+    assert len(digests) == 1
