@@ -86,12 +86,12 @@ class Job:
 
 def set_up(cfg: Config) -> Job:
     accelerator = distributed.setup(cfg)
-    distributed.lock_run_dir(accelerator, cfg.run_dir())     # before anything is written into it
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
+    distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
     who = distributed.describe(accelerator, cfg.run_dir())
     _test_startup_delay()
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
