@@ -20,7 +20,9 @@ Exit codes: 0 done, 2 usage error, 75 stopped by a preemption signal after savin
 from __future__ import annotations
 
 import itertools
+import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from accelerate.utils import set_seed
 
 from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed
 from finetune.arch import describe_preprocessing, preprocessing
-from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save
+from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
 from finetune.config import Config, parse_config, save_config
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader, train_stream_for)
@@ -42,15 +44,19 @@ from finetune.trackers import parse_log_with
 
 def run(cfg: Config) -> int:
     """The steps of a run, in order. Each returns what the later ones need."""
+    # First: a preemption signal during start-up (model download, checkpoint load) must not kill the job.
+    preempt = PreemptionFlag(cfg.preempt_signals)
     job = set_up(cfg)
     data = make_data(job)
     normalize = make_normalizer(job)
     model, optimizer, weights = build_model_and_optimizer(job)
     ema = make_ema(job.accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay)
+    splits = [job.manifest.train, job.manifest.test] + ([job.manifest.val] if job.manifest.val else [])
     checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
-                                cfg.to_dict(), ema=ema)
+                                cfg.to_dict(), run_identity(job.manifest.classes, [s for x in splits for s in x.shards]),
+                                ema=ema)
     state = resume(job, checkpointer)
-    if fit(job, data, model, optimizer, normalize, checkpointer, state, weights) == EXIT_PREEMPTED:
+    if fit(job, data, model, optimizer, normalize, checkpointer, state, weights, preempt) == EXIT_PREEMPTED:
         job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         job.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
@@ -90,7 +96,9 @@ def set_up(cfg: Config) -> Job:
     if cfg.patience and manifest.val is None:
         raise UsageError(f"--patience needs a val split, and {cfg.data} has none: re-run data_prep with "
                          f"--val-fraction F (e.g. 0.1), or drop --patience")
+    distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
     who = distributed.describe(accelerator, cfg.run_dir())
+    _test_startup_delay()
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
@@ -99,6 +107,13 @@ def set_up(cfg: Config) -> Job:
     set_seed(cfg.seed)
     distributed.configure_backends(accelerator.device, cfg.debug)
     return Job(cfg, accelerator, manifest, monitor, who, preprocess)
+
+
+def _test_startup_delay() -> None:
+    """Tests simulate a slow start-up (a model download) to send a signal during it."""
+    delay = float(os.environ.get("FINETUNE_TEST_STARTUP_DELAY_S", "0") or 0)
+    if delay:
+        time.sleep(delay)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -196,11 +211,14 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
 
 
 def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpointer, state: TrainState,
-        weights: str) -> int:
+        weights: str, preempt: PreemptionFlag) -> int:
     """Train the remaining epochs, evaluating and checkpointing after each, until --epochs or --patience ends
     the run. Returns 0, or EXIT_PREEMPTED after saving a checkpoint when a preemption signal arrived."""
     cfg, acc, monitor = job.cfg, job.accelerator, job.monitor
-    preempt = PreemptionFlag(cfg.preempt_signals)
+    if state.epoch < cfg.epochs and preempt.stop_now(acc.device):   # a signal during start-up: nothing new
+        monitor.print(f"{preempt.signal_name or 'a preemption signal'} received during start-up: nothing "
+                      f"trained yet, nothing to save; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
+        return EXIT_PREEMPTED
     while state.epoch < cfg.epochs and not state.stopped_early:
         metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
                                   state, steps=data.steps, cfg=cfg, accelerator=acc, normalize=normalize,

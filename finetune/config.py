@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -16,6 +17,24 @@ from .arch import check_name as check_arch
 from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signals(names: str) -> list:
+    """--preempt-signals 'USR1,TERM' -> [signal.SIGUSR1, signal.SIGTERM]; a UsageError for an unknown signal
+    or one no handler can catch (KILL, STOP) -- checked by parse_config, before anything is written."""
+    result = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        full = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, full, None)
+        if not isinstance(sig, signal.Signals):
+            raise UsageError(f"--preempt-signals: unknown signal '{name}'")
+        if full in UNCATCHABLE:
+            raise UsageError(f"--preempt-signals: {full} cannot be caught by any process; use USR1 or TERM")
+        result.append(sig)
+    return result
 
 
 def _positive_int(text: str) -> int:
@@ -261,6 +280,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(f"--ema-decay {cfg.ema_decay}: must be below 1 (e.g. 0.999), or 0 for off")
     if cfg.class_balance == "resample" and cfg.data_order != "random":
         parser.error("--class-balance resample draws samples at random: use it with --data-order random")
+    parse_signals(cfg.preempt_signals)
     try:
         check_arch(cfg.arch)
     except UsageError as e:

@@ -181,6 +181,43 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+_RUN_LOCK = {}      # run directory -> the open file whose flock this process holds until it exits
+
+
+def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
+    """One job per run directory: global rank 0 takes an exclusive flock on RUN_DIR/.lock for the job's
+    lifetime and writes who holds it; a second job stops on every rank with one line naming the holder.
+    The kernel drops a flock when its process dies (even by SIGKILL), so a dead job never blocks a new one."""
+    problem = None
+    if accelerator.is_main_process:
+        problem = _take_lock(Path(run_dir))
+    agree(accelerator, problem)
+
+
+def _take_lock(run_dir: Path) -> str | None:
+    import fcntl
+    key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir.absolute())
+    if key in _RUN_LOCK:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        return (f"{run_dir} is in use by another job ({holder}); wait for it to end or choose another "
+                f"--output-dir / --name")
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "-"
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"host {socket.gethostname()} pid {os.getpid()} job {job}\n")
+    fh.flush()
+    _RUN_LOCK[str(run_dir.resolve())] = fh
+    return None
+
+
 def agree(accelerator: Accelerator, problem: str | None) -> None:
     """Raise the same UsageError on every rank if any rank found a problem (so none is left waiting)."""
     problems = gather(problem, accelerator.num_processes)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,3 +197,93 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     assert code != 0 and 5 < elapsed < 60, (code, elapsed)
     log0 = (tmp_path / "node0.log").read_text()
     assert "train.py: error: rank 0: a collective with the other ranks failed" in log0, log0[-3000:]
+
+
+def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
+    """Item 20: the handler is installed before set-up; a SIGUSR1 while the job starts (here: right after the
+    rank file appears, during a simulated slow start) ends it with 75, not a death by signal (-10)."""
+    run_dir = tmp_path / "run"
+    proc = start_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS],
+                       log=tmp_path / "log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "3"})
+    wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the rank file", [proc])
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-2000:]
+    assert "received during start-up" in (tmp_path / "log").read_text()
+    assert ckpts(run_dir) == []
+
+
+def _fake(step):
+    return dict(model={"w": torch.full((2,), float(step))}, step=step, epoch=0)
+
+
+def test_pruning_keeps_this_lineage_after_resume_to_an_older_checkpoint(tmp_path):
+    """Item 6: ckpt 13..16 exist; --resume PATH to ckpt-12 then saving 13 with --keep-last 1 must keep the new
+    ckpt-13, move the abandoned 13..16 aside (not delete them), and --resume auto must then pick 13."""
+    d = tmp_path / "checkpoints"
+    for step in range(12, 17):
+        checkpoint.save(_fake(step), d, keep_last=10, is_best=False)
+    lines = []
+    dest = checkpoint.abandon_newer(d, 12, log=lines.append)
+    assert sorted(p.name for p in dest.iterdir()) == [f"ckpt-{s:08d}.pt" for s in range(13, 17)]
+    checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lines.append)
+    assert ckpts(tmp_path) == ["ckpt-00000013.pt"]
+    assert any("pruned 1 checkpoint(s)" in line and "ckpt-00000012.pt" in line for line in lines), lines
+    assert checkpoint.find_resume("auto", d)["step"] == 13
+
+
+def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step in (5, 16):
+        checkpoint.save(_fake(step), d, keep_last=10, is_best=False)
+    checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lambda _: None)
+    assert ckpts(tmp_path) == ["ckpt-00000013.pt", "ckpt-00000016.pt"]
+
+
+def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
+    """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
+    line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
+    from finetune import distributed
+    run_dir = tmp_path / "run"
+    args = ["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS]
+    first = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "60"})
+    try:
+        wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the first job's rank file", [first])
+        second = run_train(args, check=False)
+        assert second.returncode == 2, second.stderr
+        line = second.stderr.strip().splitlines()[-1]
+        assert "is in use by another job" in line and f"pid {first.pid}" in line, second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert (run_dir / ".lock").exists()                      # left behind, but no longer locked
+    distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
+
+
+def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
+    """Item 8 through train.py: a checkpoint of resnet18 is not resumed as resnet34 (one line, exit 2)."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS, "--arch",
+                      "resnet34", "--resume", "auto"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: cannot resume: the checkpoint is "
+                                                           "--arch resnet18, this run --arch resnet34")
+
+
+def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, imagenet_like, reference,
+                                                                      tmp_path):
+    """Items 19 + 6 on 2 processes: --resume PATH to ckpt-6 of a finished run: both ranks load it (same final
+    weights), ckpt-7/8 of the abandoned branch are moved aside, not pruned, and the new 7/8 are kept."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    path = run_dir / "checkpoints" / "ckpt-00000006.pt"
+    proc = run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
+                      "--workers", "0", "--resume", path], procs=2)
+    assert "resumed from step 6" in proc.stdout and "moved 2 newer checkpoint(s)" in proc.stdout
+    (moved,) = (run_dir / "checkpoints" / "abandoned").iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["ckpt-00000007.pt", "ckpt-00000008.pt"]
+    assert ckpts(run_dir) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]
+    digests = {read_json(run_dir / "ranks" / f"rank-{r}.json")["final_param_sha256"] for r in (0, 1)}
+    assert len(digests) == 1

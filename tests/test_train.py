@@ -205,6 +205,16 @@ def test_parser_refuses_invalid_values(args, needle):
     assert proc.returncode == 2 and needle in _error_line(proc)
 
 
+@pytest.mark.parametrize("names, needle", [("KILL", "SIGKILL cannot be caught"), ("USR1,STOP", "SIGSTOP cannot"),
+                                           ("NOPE", "unknown signal 'NOPE'")])
+def test_uncatchable_preempt_signal_refused_before_writing(shards, names, needle, tmp_path):
+    run_dir = tmp_path / "r"
+    proc = subprocess.run([PYTHON, "train.py", "--data", str(shards), "--output-dir", str(run_dir), *TINY,
+                           "--preempt-signals", names], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and needle in _error_line(proc), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not run_dir.exists()
+
+
 def test_missing_manifest_and_damaged_shard_are_named(shards, tmp_path):
     proc = run_train(["--data", tmp_path, "--output-dir", tmp_path / "r", *TINY], check=False)
     assert proc.returncode == 2 and "no manifest.json" in _error_line(proc)
