@@ -24,7 +24,7 @@ demo: venv
 test: venv
 	@# The Slurm tests need slurmctld/slurmd/munge (root + apt); without them they skip with a reason.
 	-@bash .ci/install-slurm.sh >/dev/null 2>&1 || echo "make test: could not install Slurm; its tests will skip"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf runs data
