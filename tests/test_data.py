@@ -17,17 +17,26 @@ def train_kw(**over):
     return {**kw, **over}
 
 
-@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
-def test_eval_covers_every_test_sample_exactly_once(shards, world, workers):
-    split = load_manifest(shards).test
+def _eval_multiset(split, world: int, workers: int) -> list[tuple[int, str]]:
+    """Which test images all ranks together evaluated: (label, sha256 of the uint8 crop), sorted."""
+    import hashlib
     seen = []
     for rank in range(world):
         stream = EvalStream(split, rank=rank, world_size=world, batch=3, limit=0,
                             preprocess=dict(resize=[37, 37], crop=32, interpolation="bilinear"))
         for images, labels in make_loader(stream, workers, pin_memory=False):
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
-            seen.append(len(labels))
-    assert sum(seen) == split.num_samples == 13
+            seen += [(int(y), hashlib.sha256(x.numpy().tobytes()).hexdigest()) for x, y in zip(images, labels)]
+    return sorted(seen)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
+def test_eval_covers_every_test_sample_exactly_once(shards, world, workers):
+    """Not only how many: world sizes 1, 2 and 3 evaluate the same multiset of images (each exactly once)."""
+    split = load_manifest(shards).test
+    seen = _eval_multiset(split, world, workers)
+    assert len(seen) == split.num_samples == 13 and len(set(seen)) == 13
+    assert seen == _eval_multiset(split, 1, 0)
 
 
 def test_sequential_global_batches_do_not_depend_on_world_size(shards):
