@@ -173,12 +173,16 @@ def write_rank_file(run_dir: Path, info: dict) -> None:
     atomic_write_text(ranks / f"rank-{info['rank']}.json", json.dumps(info))
 
 
-def param_digest(model: torch.nn.Module) -> str:
+def _digest(named_tensors, dtype: torch.dtype) -> str:
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, t in named_tensors:
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        h.update(t.detach().to(dtype).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    return _digest(model.named_parameters(), torch.float32)
 
 
 _RUN_LOCK = {}      # run directory -> the open file whose flock this process holds until it exits
@@ -268,11 +272,7 @@ def sync_buffers(model: torch.nn.Module, world: int) -> None:
 
 
 def buffer_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, b in model.named_buffers():
-        h.update(name.encode())
-        h.update(b.detach().double().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return _digest(model.named_buffers(), torch.float64)     # float64: num_batches_tracked counts stay exact
 
 
 def peak_gpu_memory_gib(device: torch.device) -> float | None:
