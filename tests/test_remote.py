@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train
+from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train, start_train
 from data_prep.manifest import file_sha256
 from data_prep.remote import Backoff, Unreachable
 from finetune import UsageError
@@ -179,3 +179,36 @@ def test_data_prep_out_s3_then_stage_from_s3(s3, tmp_path, monkeypatch):
     assert local.test.num_samples == manifest["splits"]["test"]["num_samples"] == 6
     assert check_shards(local, hash_limit_bytes=1 << 40) is None
     assert all(file_sha256(u) == s["sha256"] for u, s in zip(local.train.urls, local.train.shards))
+
+
+def test_one_node_that_cannot_reach_a_shard_stops_both_nodes_with_one_line(server, shards, imagenet_like, tmp_path):
+    """Two nodes (one process each, real gloo process group), each staging into its own --cache-dir, as on a
+    cluster. Node 0 already holds every shard; node 1 starts empty and the server no longer has
+    train-000002.tar (404 on every try). Node 0 must not train alone or wait forever: both processes exit 2
+    with the same one line naming the shard (exit 2; `accelerate launch` itself then exits 1 with its own
+    ChildFailedError report, which names that exit code)."""
+    served = tmp_path / "served"
+    shutil.copytree(shards, served)
+    srv = server(folder=served)
+    stage(srv.url, tmp_path / "cache-node0", 10**9, FAST)          # node 0: a complete, verified copy
+    (served / "train-000002.tar").unlink()
+    port = free_port()
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    nodes = [start_train(["--data", srv.url, "--cache-dir", tmp_path / f"cache-node{r}", "--output-dir",
+                          tmp_path / "run", "--pretrained", imagenet_like, "--epochs", "1",
+                          "--max-steps-per-epoch", "1", *TINY], nodes=2, node_rank=r, port=port, log=logs[r])
+             for r in (0, 1)]
+    try:
+        codes = [n.wait(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [1, 1], texts                                   # the launcher's code for a failed worker
+    for text in texts:
+        assert "exitcode  : 2" in text, text                        # train.py's own exit: a usage error
+        assert 'train.py", line' not in text and "finetune/" not in text, text     # no traceback of ours
+        lines = [line for line in text.splitlines() if "train-000002.tar unreachable after" in line]
+        assert len(lines) == 1, text
+        assert "--data http://127.0.0.1" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()        # nobody trained
