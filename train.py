@@ -152,7 +152,7 @@ def make_data(job: Job) -> Data:
                                     micro_batch=cfg.batch_size // (world * cfg.grad_accum),
                                     accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
                                     seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
-                                    decode_on=cfg.decode_on)
+                                    decode_on=cfg.decode_on, augment_with=cfg.augment_with)
 
     def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
         return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,

@@ -8,6 +8,9 @@ PIL transforms (which also make float tensors and normalise, as d2l's loader doe
 Variants, all on the same samples and the same crop/flip draws (finetune.data.random_resized_crop_params):
 - tv-tensor: what TrainStream runs today: torchvision decode_jpeg + resized_crop(antialias) on uint8 tensors,
   torch.stack of [3,224,224];
+- opencv:    TrainStream with --augment-with opencv (finetune.data.opencv_batch): simplejpeg decode to HWC,
+             the same crop (a view), one cv2.resize (bilinear up, area down) straight into the batch buffer
+             and cv2.flip in place: a channels_last [B,3,H,W] batch with no stacking or transposing copy;
 - pil-box:   Pillow decode, with JPEG draft mode (DCT-domain 1/2, 1/4, 1/8 decode) when the crop is at least
              twice the output size, then one Image.resize(box=crop, BILINEAR) and a flip, collated HWC
              (np.stack; the device permutes to NCHW/channels_last for free);
@@ -28,14 +31,18 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, _tar_samples, collate, decode, load_manifest,
-                           random_resized_crop_params, train_transform)
+from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, _tar_samples, collate, decode,
+                           load_manifest, opencv_batch, random_resized_crop_params, train_transform)
 
 SIZE = 224
 
 
 def tv_tensor(samples, rng):
     return collate([(train_transform(decode(s["jpg"]), SIZE, rng), int(s["cls"])) for s in samples])
+
+
+def opencv(samples, rng):
+    return opencv_batch([(s["jpg"], rng, int(s["cls"])) for s in samples], SIZE)
 
 
 def pil_box_image(data: bytes, rng: random.Random) -> np.ndarray:
@@ -67,7 +74,7 @@ def d2l(samples, rng):
     return torch.stack([D2L(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
 
 
-VARIANTS = {"tv-tensor": tv_tensor, "pil-box": pil_box, "d2l": d2l}
+VARIANTS = {"tv-tensor": tv_tensor, "opencv": opencv, "pil-box": pil_box, "d2l": d2l}
 
 
 def rate(fn, urls, images: int, batch: int) -> tuple[float, float]:

@@ -140,6 +140,11 @@ class Config:
                           "nvjpeg decode_jpeg call per micro-batch on the GPU, crop/flip there; images nvjpeg "
                           "refuses, and runs without CUDA, fall back to the CPU); evaluation always decodes "
                           "on the CPU", choices=("cpu", "device"), default="cpu")
+    augment_with: str = _opt("the library that decodes, crops and flips training images in the loader workers "
+                             "(--decode-on cpu): 'torchvision', or 'opencv' (simplejpeg decode + OpenCV resize: "
+                             "the same crops and flips, ~1.5x the images per CPU core on 256-px shards; for GPU nodes with few "
+                             "cores per GPU, docs/performance.md section 7)",
+                             choices=("torchvision", "opencv"), default="torchvision")
     image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
                            "image_size*256/224 first", type=_positive_int, default=224)
     shuffle_buffer: int = _opt("samples in each worker's shuffle buffer", type=_nonneg_int, default=1000)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -130,6 +131,44 @@ def train_transform(img: torch.Tensor, size: int, rng: random.Random) -> torch.T
     top, left, h, w = random_resized_crop_params(img.shape[-2], img.shape[-1], rng)
     img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
     return TF.horizontal_flip(img) if rng.random() < 0.5 else img
+
+
+def train_sample_opencv(data: bytes, size: int, rng: random.Random, out: np.ndarray | None = None) -> np.ndarray:
+    """train_transform's job for --augment-with opencv: the same crop and flip draws from `rng`, into an HWC
+    uint8 array (`out`, e.g. a row of opencv_batch's buffer, so no stacking copy follows). simplejpeg
+    (libjpeg-turbo) decodes straight to HWC RGB; OpenCV's resize is ~4x cheaper than torchvision's
+    antialiased one (docs/performance.md section 7): bilinear when the crop is enlarged, area averaging when
+    it is shrunk (so shrinking is antialiased too). A JPEG simplejpeg refuses (e.g. CMYK) goes through
+    torchvision's decoder instead. EXIF orientation is ignored by both, as in train_transform."""
+    simplejpeg, cv2 = _fast_libs()
+    try:
+        img = simplejpeg.decode_jpeg(data, "RGB")
+    except ValueError:
+        img = decode(data).permute(1, 2, 0).numpy()
+    top, left, h, w = random_resized_crop_params(img.shape[0], img.shape[1], rng)
+    shrink = h >= size and w >= size
+    out = cv2.resize(img[top:top + h, left:left + w], (size, size), dst=out,
+                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.flip(out, 1, dst=out) if rng.random() < 0.5 else out
+
+
+def opencv_batch(items: list[tuple[bytes, random.Random, int]], size: int):
+    """(JPEG bytes, per-sample RNG, label) -> ([B,3,size,size] uint8 in channels_last layout, labels): each
+    image is resized straight into its row of one HWC buffer; the permute is a view, and the device's
+    .float() keeps that layout, which is the one the model wants anyway."""
+    images = np.empty((len(items), size, size, 3), np.uint8)
+    for row, (data, rng, _) in zip(images, items):
+        train_sample_opencv(data, size, rng, out=row)
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.tensor([y for _, _, y in items], dtype=torch.long)
+
+
+def _fast_libs():
+    """(simplejpeg, cv2), imported on first use; OpenCV single-threaded: each loader worker is one core."""
+    import cv2
+    import simplejpeg
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return simplejpeg, cv2
 
 
 def eval_transform(img: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -304,14 +343,18 @@ class TrainStream(IterableDataset):
                 it. Independent of the world size, so 1 process x B equals 2 processes x B/2.
     `skip` = loader batches already consumed this epoch (resume); skipped before decoding.
     decode_on:  "cpu" (default) yields (uint8 images, labels); "device" yields (RawJpegBatch, labels) with
-                the same crops and flips, to be decoded by DeviceDecoder on the training device."""
+                the same crops and flips, to be decoded by DeviceDecoder on the training device.
+    augment_with: for decode_on="cpu": "torchvision" (train_transform) or "opencv" (train_sample_opencv:
+                the same crops and flips, a cheaper resize, channels_last batches)."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, micro_batch: int, accum: int,
                  steps: int, image_size: int, seed: int, order: str, shuffle_buffer: int,
-                 decode_on: str = "cpu"):
+                 decode_on: str = "cpu", augment_with: str = "torchvision"):
         if decode_on not in ("cpu", "device"):
             raise ValueError(f"decode_on must be 'cpu' or 'device', not {decode_on!r}")
-        self.decode_on = decode_on
+        if augment_with not in ("torchvision", "opencv"):
+            raise ValueError(f"augment_with must be 'torchvision' or 'opencv', not {augment_with!r}")
+        self.decode_on, self.augment_with = decode_on, augment_with
         self.split, self.rank, self.world_size = split, rank, world_size
         self.micro_batch, self.accum, self.steps = micro_batch, accum, steps
         self.image_size, self.seed, self.order, self.shuffle_buffer = image_size, seed, order, shuffle_buffer
@@ -349,16 +392,22 @@ class TrainStream(IterableDataset):
         # (w + skip) % num_workers would have: otherwise the same batches arrive in another order.
         worker = (worker + self.skip) % num_workers
         source = self._random if self.order == "random" else self._sequential
+        make_batch = self._batch_maker()
         batch = []
-        raw = self.decode_on == "device"
         for seed_key, sample in source(worker, num_workers):
-            rng = random.Random(seed_key)
-            item = (raw_sample(sample["jpg"], rng) if raw
-                    else train_transform(decode(sample["jpg"]), self.image_size, rng))
-            batch.append((item, int(sample["cls"])))
+            batch.append((sample["jpg"], random.Random(seed_key), int(sample["cls"])))
             if len(batch) == self.micro_batch:
-                yield collate_raw(batch) if raw else collate(batch)
+                yield make_batch(batch)
                 batch = []
+
+    def _batch_maker(self):
+        """A function: [(JPEG bytes, per-sample RNG, label)] -> one micro-batch, as decode_on/augment_with say."""
+        size = self.image_size
+        if self.decode_on == "device":
+            return lambda items: collate_raw([(raw_sample(data, rng), y) for data, rng, y in items])
+        if self.augment_with == "opencv":
+            return lambda items: opencv_batch(items, size)
+        return lambda items: collate([(train_transform(decode(data), size, rng), y) for data, rng, y in items])
 
 
 class ResampledTrainStream(TrainStream):

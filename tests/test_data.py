@@ -4,6 +4,8 @@ device-decode path's CPU fallback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,43 @@ def test_manifest_refuses_shard_names_data_prep_would_not_write(shards, tmp_path
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="not a plain NAME.tar"):
         load_manifest(copy)
+
+
+HOTDOG_FOOD = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotdog-food"
+
+
+def test_opencv_augment_draws_the_same_crops_and_flips_as_torchvision(tmp_path):
+    """--augment-with opencv on real photos (512 px: crops both shrunk and enlarged to 224): the same samples,
+    labels, crops and flips as the torchvision path, the pixels within a few levels (only the resampling
+    differs), and a [B,3,224,224] uint8 batch already in channels_last layout."""
+    import random
+
+    from finetune.data import decode, opencv_batch, train_sample_opencv, train_transform
+    photos = sorted((HOTDOG_FOOD / "train" / "hotdog").glob("*.jpg"))[:24]
+    if not photos:
+        pytest.skip(f"no real photos at {HOTDOG_FOOD} (../shared/data)")
+    items, theirs = [], []
+    for i, path in enumerate(photos):
+        data = path.read_bytes()
+        a = train_sample_opencv(data, 224, random.Random(f"s-{i}"))
+        b = train_transform(decode(data), 224, random.Random(f"s-{i}"))
+        items.append((data, random.Random(f"s-{i}"), i))
+        theirs.append(b)
+        a = torch.from_numpy(a).permute(2, 0, 1).float()
+        same, flipped = (a - b.float()).abs().mean(), (a - b.flip(2).float()).abs().mean()
+        assert same < 3.0 and same < flipped, (path.name, float(same), float(flipped))   # same crop, same flip
+    images, labels = opencv_batch(items, 224)          # the same draws again, resized straight into the batch
+    assert images.shape == (24, 3, 224, 224) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last) and labels.tolist() == list(range(24))
+    assert (images.float() - torch.stack(theirs).float()).abs().mean() < 1.5
+
+
+def test_train_stream_with_opencv_gives_the_same_samples_and_labels(shards):
+    split = load_manifest(shards).train
+    for (x, y), (x2, y2), _ in zip(TrainStream(split, **train_kw()),
+                                   TrainStream(split, augment_with="opencv", **train_kw()), range(3)):
+        assert torch.equal(y, y2) and x2.shape == x.shape == (4, 3, 32, 32)
+        assert x2.is_contiguous(memory_format=torch.channels_last)
+        assert (x.float() - x2.float()).abs().mean() < 6.0
+    with pytest.raises(ValueError, match="augment_with"):
+        TrainStream(split, augment_with="pil", **train_kw())
