@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train, start_train
+from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train, start_train, wait_for
 from data_prep.manifest import file_sha256
 from data_prep.remote import Backoff, Unreachable
 from finetune import UsageError
@@ -137,11 +137,19 @@ def test_cache_cap_evicts_older_data_sets_and_refuses_what_cannot_fit(server, sh
 
 
 def test_train_py_reads_a_data_set_over_http(server, shards, imagenet_like, tmp_path):
+    """train.py stages from a real HTTP server; the server is killed as soon as staging is done, while the run
+    is still starting or training: the run goes on from the local copy (2 epochs, every test sample). A
+    second run with the server gone for good stops with one line, exit 2."""
     srv = server()
-    run_train(["--data", srv.url, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "run",
-               "--pretrained", imagenet_like, "--epochs", "1", "--max-steps-per-epoch", "1", *TINY], timeout=200)
-    assert read_json(tmp_path / "run" / "metrics.json")["epochs"][0]["test_samples"] == 13
-    srv.kill()                                   # server gone for good: one line, exit 2, after the retries
+    proc = start_train(["--data", srv.url, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "run",
+                        "--pretrained", imagenet_like, "--epochs", "2", "--max-steps-per-epoch", "2", *TINY],
+                       log=tmp_path / "run.log")
+    staged = cache_folder(tmp_path / "cache", srv.url) / "manifest.json"     # written last by stage()
+    wait_for(staged.exists, 200, "staging", [proc])
+    srv.kill()                                   # mid-run: nothing more is read from the server
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    assert [e["test_samples"] for e in metrics["epochs"]] == [13, 13]
     proc = run_train(["--data", srv.url, "--cache-dir", tmp_path / "cache", "--output-dir", tmp_path / "run2",
                       "--pretrained", imagenet_like, "--epochs", "1", "--max-steps-per-epoch", "1", *TINY],
                      timeout=200, check=False)
