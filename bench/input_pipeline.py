@@ -39,16 +39,18 @@ from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, DeviceDecoder, TrainStre
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def ours_loader(shards: str, batch: int, size: int, workers: int, seed: int, decode_on: str = "cpu"):
+def ours_loader(shards: str, batch: int, size: int, workers: int, seed: int, decode_on: str = "cpu",
+                augment_with: str = "torchvision"):
     manifest = load_manifest(shards)
     stream = TrainStream(manifest.train, rank=0, world_size=1, micro_batch=batch, accum=1, steps=1 << 30,
-                         image_size=size, seed=seed, order="random", shuffle_buffer=1000, decode_on=decode_on)
+                         image_size=size, seed=seed, order="random", shuffle_buffer=1000, decode_on=decode_on,
+                         augment_with=augment_with)
     normalize = DeviceDecoder(DEVICE, channels_last=True, image_size=size)   # = DeviceNormalizer for uint8 batches
     loader = make_loader(stream, workers, pin_memory=DEVICE.type == "cuda")
     return (normalize(x, y) for x, y in loader)
 
 
-def d2l_loader(source: str, batch: int, size: int, workers: int, seed: int, decode_on: str = "cpu"):
+def d2l_loader(source: str, batch: int, size: int, workers: int, seed: int, **_ours_only):
     tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     ds = datasets.ImageFolder(f"{source}/train", transform=tf)
@@ -88,6 +90,8 @@ def main() -> None:
                    help="torch intra-op threads of the main process (0: torch's default)")
     p.add_argument("--decode-on", choices=("cpu", "device"), default="cpu",
                    help="ours: decode in the workers (default) or on the device (TrainStream decode_on)")
+    p.add_argument("--augment-with", choices=("torchvision", "opencv"), default="torchvision",
+                   help="ours: train.py's --augment-with (the library that decodes, crops and flips)")
     p.add_argument("--goal", type=float, default=3.0, help="goal for ours / baseline")
     args = p.parse_args()
     if args.threads:
@@ -96,16 +100,16 @@ def main() -> None:
     shards = shards_for(args)
     print(machine())
     print(f"data: {args.source} (baseline) and {shards} (ours); batch {args.batch_size}, "
-          f"{args.image_size}px, {workers} workers each, ours decodes on {args.decode_on} ({DEVICE}); "
+          f"{args.image_size}px, {workers} workers each, ours decodes on {args.decode_on} ({DEVICE}) "
+          f"with --augment-with {args.augment_with}; "
           f"{args.repeats} repeats x {args.batches} batches")
 
     ours, base = [], []
     for r in range(args.repeats):
         pair = [("ours", ours_loader, shards, ours), ("d2l", d2l_loader, args.source, base)]
         for name, make, src, acc in in_turn(r, pair):
-            acc.append(timed(make(src, args.batch_size, args.image_size, workers, r, args.decode_on),
-                             args.warmup,
-                             args.batches, args.batch_size))
+            acc.append(timed(make(src, args.batch_size, args.image_size, workers, r, decode_on=args.decode_on,
+                                  augment_with=args.augment_with), args.warmup, args.batches, args.batch_size))
             print(f"  repeat {r + 1}: {name:4s} {acc[-1]:7.1f} img/s", flush=True)
     print()
     print(table([goal_row(f"train input pipeline, decode on {args.decode_on} (img/s)", ours, base, args.goal, "img/s")], COLUMNS))
