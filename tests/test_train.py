@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -383,3 +384,75 @@ def test_class_balance_resample_runs_evenly_on_two_ranks(skewed_shards, imagenet
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["class_balance"] == "resample"
     none = unbalanced_run["final"]
     assert metrics["final"]["test_balanced_acc"] >= none["test_balanced_acc"] + 0.2, (none, metrics["final"])
+
+
+# A run that learns on val_shards, whose TEST labels are swapped: the better the model gets on val, the worse
+# on test. Full fine-tuning at lr 1e-3, seed 0, 3 steps per epoch; on this CPU (bitwise reproducible) val acc
+# goes 0.6, 0.5, 0.7, 0.8, 0.8 and test acc 0.50, 0.50, 0.36, 0.14, 0.14.
+@pytest.fixture(scope="module")
+def val_run(val_shards, imagenet_like, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("val-run") / "run"
+    proc = run_train(["--data", val_shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", 5,
+                      "--lr", "1e-3", "--seed", 0, *TINY])
+    return run_dir, proc
+
+
+def _first_argmax(values: list) -> int:
+    """1-based epoch of the first maximum (what 'strictly better than the best so far' picks)."""
+    return values.index(max(values)) + 1
+
+
+def test_trained_run_ships_the_epoch_val_chose_when_test_disagrees(val_run):
+    run_dir, proc = val_run
+    metrics = read_json(run_dir / "metrics.json")
+    epochs = metrics["epochs"]
+    val, test = [e["val_acc"] for e in epochs], [e["test_acc"] for e in epochs]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    best = _first_argmax(val)
+    # Preconditions that make this test mean something: the model learnt (val improved), the test set would
+    # have chosen another epoch, and the chosen epoch is not the last one (model.pt != the last weights).
+    assert max(val) > val[0] and _first_argmax(test) != best and best < len(epochs), (val, test)
+    assert metrics["chosen"] == dict(checkpoint="best.pt", epoch=best, on="val_acc", val_acc=max(val))
+    assert metrics["final"] == epochs[best - 1]                     # the shipped model's own numbers
+    assert f"model.pt = best.pt, epoch {best} of 5, chosen on val" in proc.stdout
+    ckpt_dir = run_dir / "checkpoints"
+    best_pt = torch.load(ckpt_dir / "best.pt", weights_only=True)
+    assert (best_pt["best_epoch"], best_pt["step"]) == (best, best * 3)
+    shipped = load_model_pt(run_dir)
+    assert shipped["chosen"] == metrics["chosen"] and shipped["test_acc"] == test[best - 1]
+    assert shipped["state_dict"].keys() == best_pt["model"].keys()
+    assert all(torch.equal(shipped["state_dict"][k], best_pt["model"][k]) for k in best_pt["model"])
+    last = torch.load(ckpt_dir / "ckpt-00000015.pt", weights_only=True)["model"]
+    assert not all(torch.equal(shipped["state_dict"][k], last[k]) for k in last)   # not the last epoch's
+
+
+def test_tensorboard_has_confusion_images_and_per_class_scalars(val_run):
+    """Per epoch and split: the confusion matrix as a 32x32 image (2 classes x 16 px) whose pixels are those of
+    metrics.json's matrix of that epoch, and balanced accuracy, precision and recall per class as scalars."""
+    from PIL import Image
+    import io
+    from finetune.monitor import confusion_image
+    run_dir, _ = val_run
+    epochs = read_json(run_dir / "metrics.json")["epochs"]
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"val/confusion", "test/confusion"} <= set(events.Tags()["images"])
+    for split in ("val", "test"):
+        images = events.Images(f"{split}/confusion")
+        assert [i.step for i in images] == [3, 6, 9, 12, 15]
+        for image, epoch in zip(images, epochs):
+            assert (image.width, image.height) == (32, 32)
+            pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")))
+            expected = (confusion_image(epoch[f"{split}_confusion"]) * 255).permute(1, 2, 0)
+            assert (pixels.float() - expected).abs().max() <= 1, (split, epoch["epoch"])
+        for name, key in (("balanced_acc", None), ("recall/hotdog", 0), ("recall/not-hotdog", 1),
+                          ("precision/hotdog", 0), ("precision/not-hotdog", 1)):
+            points = events.Scalars(f"{split}/{name}")
+            assert [p.step for p in points] == [3, 6, 9, 12, 15]
+            want = [e[f"{split}_{name.split('/')[0]}"] if key is None else e[f"{split}_{name.split('/')[0]}"][key]
+                    for e in epochs]
+            assert [p.value for p in points] == pytest.approx(want, abs=1e-6)
+    # The data makes the check non-trivial: the test matrix changes over the run.
+    assert len({str(e["test_confusion"]) for e in epochs}) > 1
+    assert events.Scalars("final/test_balanced_acc")[-1].value == pytest.approx(
+        read_json(run_dir / "metrics.json")["final"]["test_balanced_acc"])
