@@ -297,6 +297,24 @@ def test_per_class_metrics_from_the_confusion_matrix():
     assert m["val_balanced_acc"] == pytest.approx(0.775)
 
 
+def test_confusion_image_rows_are_true_classes_shaded_by_their_row_fraction():
+    """Cell (i, j) is a uniform 16x16 block; the larger the share of true class i predicted as j, the darker
+    (white: none, dark blue: all). [[9, 1], [3, 1]] is not symmetric in its row fractions (0.9, 0.1 / 0.75,
+    0.25 vs the columns' 0.75, 0.25 / 0.5, 0.5), so a transposed layout fails."""
+    from finetune.monitor import confusion_image
+    image = confusion_image([[9, 1], [3, 1]])
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    cells = image.unfold(1, 16, 16).unfold(2, 16, 16)                 # [3, row, col, 16, 16]
+    assert torch.equal(cells, cells[..., :1, :1].expand_as(cells))     # each cell one colour
+    rgb = cells[..., 0, 0].permute(1, 2, 0)                            # [row, col, 3]
+    for (i, j), frac in {(0, 0): 0.9, (0, 1): 0.1, (1, 0): 0.75, (1, 1): 0.25}.items():
+        assert rgb[i, j].tolist() == pytest.approx([1 - frac, 1 - frac, 1 - 0.5 * frac]), (i, j)
+    brightness = rgb.sum(2)
+    assert brightness.argmin() == 0 and brightness.argmax() == 1     # darkest: (0, 0), lightest: (0, 1)
+    empty = confusion_image([[0, 0], [2, 2]], cell=4)                  # a class absent from the split: white
+    assert empty.shape == (3, 8, 8) and torch.equal(empty[:, :4], torch.ones(3, 4, 8))
+
+
 def test_tta_flip_averages_the_image_and_its_mirror():
     from accelerate import Accelerator
     from finetune.loop import eval_batch
