@@ -200,6 +200,8 @@ def test_refusals_exit_2_with_one_line(shards, args, needle, tmp_path):
     (["--epochs", "-1"], "--epochs: must be a positive integer"),
     (["--precision", "fp8"], "--precision: invalid choice"),
     (["--head-init", "imagenet-class:x"], "--head-init"),
+    (["--class-balance", "resample", "--data-order", "sequential"], "use it with --data-order random"),
+    (["--class-balance", "oversample"], "--class-balance: invalid choice"),
 ])
 def test_parser_refuses_invalid_values(args, needle):
     proc = subprocess.run([PYTHON, "train.py", "--data", "x", *args], cwd=REPO, capture_output=True, text=True)
