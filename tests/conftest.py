@@ -54,6 +54,37 @@ def val_shards(tmp_path_factory) -> Path:
                  extra=("--val-fraction", 0.25), swap_test=True)
 
 
+def colour_source(root: Path, counts: dict, seed: int = 0) -> Path:
+    """A d2l-layout JPEG folder that is easy to tell apart even through random features: every image a noisy
+    40x40 colour field, hotdog reddish, not-hotdog bluish (per-image tint and per-pixel noise, seeded).
+    counts: {split: {class: number of images}}."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts.items():
+        for label, n in per_class.items():
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([170, 90, 60] if label == "hotdog" else [60, 90, 170], dtype=float)
+            for i in range(n):
+                pixels = base + rng.normal(0, 25, 3) + rng.normal(0, 30, (40, 40, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def skewed_shards(tmp_path_factory) -> Path:
+    """A 1:9 train split (5 hotdog, 45 not-hotdog; 7 shards of 8) with a balanced test split (10 + 10), of
+    colour_source images: the classes are easy to tell apart, but hotdog is rare in training."""
+    from data_prep import main as data_prep_main
+    tmp = tmp_path_factory.mktemp("data")
+    src = colour_source(tmp / "skewed-src", {"train": {"hotdog": 5, "not-hotdog": 45},
+                                             "test": {"hotdog": 10, "not-hotdog": 10}})
+    out = tmp / "skewed-shards"
+    assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", "8", "--no-progress"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def imagenet_like(tmp_path_factory) -> Path:
     """A ResNet-18 state dict with a 1000-class fc, saved locally: stands in for ImageNet weights."""

@@ -1,16 +1,17 @@
 """The data streams in isolation: exact-once evaluation for any world size and worker count, world-size
 invariant global batches in sequential order, resume fast-forwarding with several workers, and the
-device-decode path's CPU fallback."""
+device-decode path's CPU fallback, --class-balance resample, and --augment-with opencv against torchvision."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
-from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, RawJpegBatch, TrainStream, load_manifest,
-                           make_loader)
+from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, RawJpegBatch, ResampledTrainStream,
+                           TrainStream, load_manifest, make_loader, train_stream_for)
 
 
 def train_kw(**over):
@@ -62,6 +63,63 @@ def test_resume_skip_gives_the_remaining_batches_in_order(shards, skip):
     resumed = [x for x, _ in zip(make_loader(resumed_stream, 2, False), range(6 - skip))]
     for (a, la), (b, lb) in zip(full[skip:], resumed):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def _label_counts(stream_cls, split, rank: int, batches: int, seed: int = 1) -> list[int]:
+    stream = stream_cls(split, **train_kw(rank=rank, world_size=2, steps=batches, seed=seed))
+    labels = [y for _, y in itertools.islice(iter(stream), batches)]
+    return torch.bincount(torch.cat(labels), minlength=2).tolist()
+
+
+def test_resample_draws_both_classes_equally_often_on_a_1_to_9_split(skewed_shards):
+    """--class-balance resample on 5 hotdog vs 45 not-hotdog: each rank's 25 batches of 4 hold about as many of
+    the rare class as of the common one (exact, seeded counts), while the plain stream keeps the 1:9 skew."""
+    split = load_manifest(skewed_shards).train
+    assert split.class_counts == [5, 45]
+    resampled = [_label_counts(ResampledTrainStream, split, rank, 25) for rank in (0, 1)]
+    plain = [_label_counts(TrainStream, split, rank, 25) for rank in (0, 1)]
+    assert resampled == [[51, 49], [46, 54]]          # hotdog, not-hotdog per rank: 48.5 % of 200 are hotdog
+    assert plain == [[10, 90], [8, 92]]               # the skew resample removes: 9 % hotdog
+    # Deterministic for a seed (the same images, not only the same labels); another seed draws otherwise.
+    kw = train_kw(rank=1, world_size=2, steps=6)
+    first, again = (list(itertools.islice(iter(ResampledTrainStream(split, **kw)), 6)) for _ in range(2))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert _label_counts(ResampledTrainStream, split, 1, 25, seed=2) != resampled[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resample_gives_every_rank_the_same_number_of_full_batches(skewed_shards, workers):
+    """The filtered stream stays infinite: each of 2 ranks gets exactly `steps` full micro-batches through the
+    loader (what train.py cuts per epoch), so no rank runs out first and DDP stays even."""
+    split = load_manifest(skewed_shards).train
+    steps = split.num_samples // 8                    # train.py: train_samples // global batch (2 x 4)
+    for rank in (0, 1):
+        stream = ResampledTrainStream(split, **train_kw(rank=rank, world_size=2, steps=steps))
+        sizes = [len(y) for _, y in itertools.islice(iter(make_loader(stream, workers, False)), steps + 1)]
+        assert sizes == [4] * (steps + 1)             # one more than an epoch needs: never exhausted
+
+
+@pytest.mark.parametrize("skip", [1, 3])
+def test_resample_resume_skip_counts_kept_samples(skewed_shards, skip):
+    """A resumed epoch fast-forwards `skip` loader batches of the filtered stream (2 workers): the tail of the
+    full epoch, in order."""
+    split = load_manifest(skewed_shards).train
+    full = list(itertools.islice(iter(make_loader(ResampledTrainStream(split, **train_kw()), 2, False)), 6))
+    resumed_stream = ResampledTrainStream(split, **train_kw())
+    resumed_stream.skip = skip
+    resumed = list(itertools.islice(iter(make_loader(resumed_stream, 2, False)), 6 - skip))
+    assert len(resumed) == 6 - skip
+    for (a, la), (b, lb) in zip(full[skip:], resumed):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_train_stream_for_follows_class_balance(skewed_shards):
+    from finetune.config import parse_config
+    split = load_manifest(skewed_shards).train
+    for mode, cls in (("resample", ResampledTrainStream), ("loss", TrainStream), ("none", TrainStream)):
+        stream = train_stream_for(parse_config(["--data", "x", "--class-balance", mode]), split, **train_kw())
+        assert type(stream) is cls, mode
+    assert ResampledTrainStream(split, **train_kw()).keep == [1.0, 5 / 45]
 
 
 def test_device_decode_falls_back_to_the_cpu_path_bit_for_bit(shards):

@@ -261,6 +261,42 @@ def test_val_fraction_carves_a_stratified_reproducible_val_split(tmp_path, capsy
     assert len(moved) <= 1, f"adding 4 photos reshuffled the val split: {moved}"
 
 
+def test_val_carve_moves_byte_identical_copies_together(tmp_path, capsys):
+    """--val-fraction on a train split where every hotdog image has a byte-identical twin under another name:
+    a pair is never split between train and val (that would leak val into training). 12 hotdog records at
+    0.25 ask for 3 val records; the carve takes whole pairs, so 4 (2 pairs) go to val, never an odd number."""
+    src = tmp_path / "src"
+    for k, (split, label, n) in enumerate((("train", "not-hotdog", 6), ("test", "hotdog", 2), ("test", "not-hotdog", 2))):
+        (src / split / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):                                            # every one of these images distinct
+            (src / split / label / f"{i}.jpg").write_bytes(jpeg_bytes(size=(20 + i, 14), colour=(30, 30 * i, 60 * k)))
+    twins = src / "train" / "hotdog"
+    twins.mkdir(parents=True)
+    for g in range(6):
+        data = jpeg_bytes(size=(24, 16 + g), colour=(200, 20 * g, 30))
+        (twins / f"pair{g}-a.jpg").write_bytes(data)
+        (twins / f"copy-of-pair{g}.jpg").write_bytes(data)       # same bytes; sorts apart from its twin
+    for seed in (0, 1, 2):
+        out = tmp_path / f"out-{seed}"
+        code, stdout, _ = run(capsys, "--source", src, "--out", out, "--val-fraction", 0.25, "--seed", seed,
+                              "--workers", 1, "--no-progress")
+        assert code == 0 and "6 duplicate group(s)" in stdout
+        keys = {split: {s["__key__"] for s in read_split(out, split)} for split in ("train", "val")}
+        where = {}
+        for split, names in keys.items():
+            for key in names:
+                if key.startswith("hotdog/"):
+                    group = key.removeprefix("hotdog/").removeprefix("copy-of-").removesuffix("-a")
+                    where.setdefault(group, set()).add(split)
+        assert len(where) == 6 and all(len(splits) == 1 for splits in where.values()), (seed, where)
+        assert sorted(len([k for k in keys["val"] if k.startswith(label)]) for label in ("hotdog/", "not-hotdog/")) \
+            == [2, 4], (seed, keys["val"])                               # 2 of 6 not-hotdog, 2 whole pairs
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["splits"]["val"]["class_counts"] == [4, 2] and manifest["splits"]["train"]["class_counts"] == [8, 4]
+        code, stdout, err = run(capsys, "verify", out)
+        assert code == 0 and "6 val samples" in stdout, err
+
+
 def test_verify_reports_an_image_in_both_train_and_val(tmp_path, capsys):
     src = make_synthetic(tmp_path / "src", train_per_class=6, test_per_class=2, min_side=24, max_side=32)
     out = tmp_path / "out"

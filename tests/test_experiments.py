@@ -100,6 +100,37 @@ def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, ima
     assert results["seed"] == 3 and results["train_args"] == [str(a) for a in FAST]
 
 
+def test_table_shows_each_runs_balanced_accuracy(with_weights, tmp_path):
+    """The 'balanced acc' column holds the last epoch's test_balanced_acc from the run's own metrics.json --
+    not the accuracy column again, and re-read by `report` (a changed metrics.json changes the cell)."""
+    import json
+    import shutil
+    out, proc = with_weights
+    assert proc.returncode == 0
+    rows = table_rows((out / "results.md").read_text())
+    for name in ("finetune", "scratch"):
+        last = read_json(out / name / "metrics.json")["epochs"][-1]
+        assert rows[name]["balanced acc"] == f"{last['test_balanced_acc']:.3f}"
+    assert rows["d2l book: fine-tune"]["balanced acc"] == ""
+    # A copy of the comparison whose finetune run reports another balanced accuracy; accuracy unchanged.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    results = read_json(copy / "results.json")
+    for row in results["variants"]:
+        row["run_dir"] = str(copy / row["name"])
+    (copy / "results.json").write_text(json.dumps(results))
+    metrics = read_json(copy / "finetune" / "metrics.json")
+    metrics["epochs"][-1]["test_balanced_acc"] = 0.4321
+    (copy / "finetune" / "metrics.json").write_text(json.dumps(metrics))
+    assert experiments_main(["report", "--out", str(copy)]) == 0
+    again = table_rows((copy / "results.md").read_text())
+    assert again["finetune"]["balanced acc"] == "0.432"
+    assert again["finetune"]["final test acc"] == rows["finetune"]["final test acc"]
+    assert again["scratch"]["balanced acc"] == rows["scratch"]["balanced acc"]
+    finetune = next(r for r in read_json(copy / "results.json")["variants"] if r["name"] == "finetune")
+    assert finetune["final_test_balanced_acc"] == 0.4321
+
+
 def test_same_data_and_seed_for_every_variant(with_weights, shards):
     import yaml
     out, _ = with_weights
