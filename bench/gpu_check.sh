@@ -129,9 +129,9 @@ result compile $rc "torch.compile"
 train1 decode-device --decode-on device; rc=$?
 result decode-device $rc "nvJPEG decode on the GPU"
 
-FINETUNE_SYNC_DEBUG=error train1 no-sync --precision "$WANT" --log-every 1000; rc=$?
+FINETUNE_SYNC_DEBUG=error train1 no-sync --precision "$WANT" --log-every 1000 --ema-decay 0.999; rc=$?
 [ "$DRY" = 1 ] && echo "         (with FINETUNE_SYNC_DEBUG=error)"
-result no-sync $rc "set_sync_debug_mode(error) inside every step"
+result no-sync $rc "set_sync_debug_mode(error) inside every step (EMA update included)"
 
 # ---------------------------------------------------------------------------------------- all GPUs
 if [ "$NGPU" -ge 2 ]; then

@@ -3,12 +3,14 @@ Checkpointer), and an exact-once evaluation. Returns metrics only; where trainin
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import distributed
@@ -18,11 +20,41 @@ from .monitor import StepTimer
 
 
 def make_ema(model: torch.nn.Module, decay: float):
-    """--ema-decay: torch's AveragedModel with its EMA update (parameters and buffers), or None when off."""
-    if not decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """--ema-decay: an EMA of the parameters and buffers (HostCountEMA), or None when off."""
+    return HostCountEMA(model, decay) if decay else None
+
+
+class HostCountEMA(AveragedModel):
+    """torch's AveragedModel with its EMA rule (get_ema_multi_avg_fn: the first update copies, later ones
+    lerp by 1 - decay; parameters and buffers), updated without reading the device: torch's own
+    update_parameters evaluates `n_averaged == 0` and `n_averaged > 0` on the host every step, i.e. two
+    GPU syncs per optimizer step. Here the count is mirrored on the host (`count`), so the update only
+    queues kernels. The state dict (`n_averaged` included) is AveragedModel's, so checkpoints and
+    model.pt are unchanged; loading one refreshes the host count (one sync, at resume)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay, self.count = decay, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        ours = list(itertools.chain(self.module.parameters(), self.module.buffers()))
+        theirs = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+        if self.count == 0:
+            torch._foreach_copy_(ours, theirs)
+        else:
+            floats = [(a, b) for a, b in zip(ours, theirs) if a.is_floating_point()]
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay)
+            for a, b in zip(ours, theirs):
+                if not a.is_floating_point():          # e.g. BatchNorm's num_batches_tracked, as torch does
+                    a.copy_(a * self.decay + b * (1 - self.decay))
+        self.n_averaged += 1
+        self.count += 1
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.count = int(self.n_averaged)
+        return result
 
 
 def class_weights(counts: list[int] | None, mode: str, device: torch.device) -> torch.Tensor | None:

@@ -231,3 +231,34 @@ def test_readme_lists_the_gpu_kernels_of_the_installed_torch():
     section = text[text.index("### Supported GPUs"):text.index("## Quick start")]
     assert ", ".join(archs[:-1]) + " and " + archs[-1] in " ".join(section.split()), archs
     assert "sm_70" not in archs and "V100 (7.0)" in section
+
+
+def test_ema_update_never_reads_its_count_from_the_device():
+    """--ema-decay on a GPU: torch's AveragedModel.update_parameters evaluates `n_averaged == 0` and `> 0` on the
+    host, two device syncs per optimizer step. finetune.loop's EMA keeps the count on the host: it must give
+    bitwise torch's EMA (parameters and BatchNorm buffers, the first update a copy), and it must not read
+    n_averaged at all -- checked by making n_averaged a meta tensor, which has no value to read."""
+    import torchvision
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from finetune.loop import make_ema
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=2)
+    torchs, ours = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True), make_ema(model, 0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+        opt.step()
+        torchs.update_parameters(model)
+        ours.update_parameters(model)
+    a, b = torchs.state_dict(), ours.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and int(b["n_averaged"]) == 3
+    resumed = make_ema(model, 0.9)
+    resumed.load_state_dict(b)                                  # a resume refreshes the host count
+    assert resumed.count == 3
+    for ema in (torchs, ours):
+        ema.n_averaged = torch.zeros((), dtype=torch.long, device="meta")
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        torchs.update_parameters(model)                         # reads it: what would sync on a GPU
+    ours.update_parameters(model)                               # does not
