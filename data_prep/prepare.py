@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import random
@@ -94,7 +95,7 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
         records, skipped = _usable(records, layout.skipped, opts.strict)
         duplicates, dropped = _find_duplicates(records, opts.drop_duplicates)
         records = [r for r in records if r.file.rel not in dropped]
-        by_split = _by_split(_carve_val(records, opts.val_fraction, opts.seed), opts.val_fraction)
+        by_split = _by_split(_carve_val(records, opts.val_fraction, opts.seed, layout.classes), opts.val_fraction)
         _check_not_empty(by_split, layout.classes, len(skipped))
         _shard_sizes(options, opts, by_split)
         with open(spool, "rb") as images:
@@ -299,12 +300,15 @@ def _find_duplicates(records: list[_Record], drop: bool) -> tuple[list[dict], se
     return report, dropped
 
 
-def _carve_val(records: list[_Record], fraction: float | None, seed: int) -> list[_Record]:
-    """--val-fraction: move round(n * F) of each class's n train records (at least 1, at most n - 1) to val.
+def _carve_val(records: list[_Record], fraction: float | None, seed: int, classes: list[str]) -> list[_Record]:
+    """--val-fraction: move about round(n * F) of each class's n train records (at least one image, never all)
+    to val.
 
     Which ones: the lowest seeded hashes of the image content (the sha256 of its bytes; the path breaks
     ties), like the rule --test-fraction uses on paths. A record's split depends only on itself and the seed,
-    so adding photos moves few existing ones; byte-identical copies go to val together (no train/val leak).
+    so adding photos moves few existing ones. Byte-identical copies go to val together (no train/val leak):
+    whole groups are taken until round(n * F) records are reached, skipping a group that would leave the class
+    no train image. A class with fewer than two distinct images cannot be split: one line says so.
     """
     if not fraction:
         return records
@@ -314,9 +318,18 @@ def _carve_val(records: list[_Record], fraction: float | None, seed: int) -> lis
     chosen: set[str] = set()
     for label in sorted({r.file.label for r in train}):
         members = sorted((r for r in train if r.file.label == label), key=rank)
-        n = len(members)
-        n_val = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
-        chosen.update(r.result.sha256 for r in members[:n_val])
+        groups = [list(g) for _, g in itertools.groupby(members, key=lambda r: r.result.sha256)]
+        if len(groups) < 2:
+            raise UsageError(f"--val-fraction {fraction:g}: train/{classes[label]} has {len(groups)} distinct "
+                             f"image(s) ({len(members)} file(s)); a val split needs at least 2 per class, one "
+                             f"staying in train: add images or drop --val-fraction")
+        want, taken, left = max(round(len(members) * fraction), 1), 0, len(members)
+        for group in groups:
+            if taken >= want:
+                break
+            if left - len(group) >= 1:
+                chosen.add(group[0].result.sha256)
+                taken, left = taken + len(group), left - len(group)
     return [replace(r, file=replace(r.file, split="val")) if r.file.split == "train" and r.result.sha256 in chosen
             else r for r in records]
 

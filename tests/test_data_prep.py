@@ -559,3 +559,24 @@ def test_real_photos_hotdog_mini(tmp_path):
 
 def test_public_api():
     assert data_prep.main is main and callable(data_prep.prepare) and callable(data_prep.verify)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_val_carve_of_a_class_with_one_distinct_image_is_one_line(tmp_path, capsys, copies):
+    """A class whose train images are all copies of one image (or a single image) cannot give val an image
+    without leaking it into train: one line naming the class and the flag, exit 2, no output written."""
+    src = tmp_path / "src"
+    for k, (split, label, n) in enumerate((("train", "not-hotdog", 4), ("test", "hotdog", 2), ("test", "not-hotdog", 2))):
+        (src / split / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (src / split / label / f"{i}.jpg").write_bytes(jpeg_bytes(size=(20 + i, 14), colour=(30, 30 * i, 60 * k)))
+    (src / "train" / "hotdog").mkdir(parents=True)
+    data = jpeg_bytes(size=(24, 16), colour=(200, 20, 30))
+    for i in range(copies):
+        (src / "train" / "hotdog" / f"same-{i}.jpg").write_bytes(data)
+    code, _, err = run(capsys, "--source", src, "--out", tmp_path / "out", "--val-fraction", 0.5, "--workers", 1,
+                       "--no-progress")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "--val-fraction 0.5: train/hotdog has 1 distinct image(s)" in lines[0] and f"({copies} file(s))" in lines[0]
+    assert not (tmp_path / "out").exists()
