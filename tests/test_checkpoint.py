@@ -287,3 +287,30 @@ def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, im
     assert ckpts(run_dir) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]
     digests = {read_json(run_dir / "ranks" / f"rank-{r}.json")["final_param_sha256"] for r in (0, 1)}
     assert len(digests) == 1
+
+
+def test_patience_survives_a_preemption(val_shards, imagenet_like, tmp_path):
+    """--patience 1 with an lr too small to change a prediction (as the early-stop test in test_train.py): val
+    cannot improve after epoch 1, so an uninterrupted run stops after epoch 2 of 5. Preempted in epoch 2 --
+    after epoch 1 was evaluated -- and resumed, it must still stop after epoch 2 with best.pt = epoch 1: the
+    best val accuracy and the epochs-without-improvement count come back from the checkpoint (were they
+    reset, epoch 2 would count as an improvement and the run would go on to epoch 3)."""
+    run_dir = tmp_path / "run"
+    args = ["--data", val_shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", "5",
+            "--max-steps-per-epoch", "3", "--save-every", "1", "--patience", "1", "--lr", "1e-12", "--freeze-bn",
+            *TINY]
+    proc = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_SAVE_DELAY_S": "2"})
+    wait_for(lambda: "epoch 1:" in (tmp_path / "first.log").read_text(), 240, "epoch 1's evaluation", [proc])
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-2000:]
+    stopped_at = torch.load(run_dir / "checkpoints" / ckpts(run_dir)[-1], weights_only=True)["step"]
+    assert 3 <= stopped_at < 6, stopped_at                 # inside epoch 2 (steps 4-6), or at its start
+    assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1]
+
+    resumed = run_train(args + ["--resume", "auto"])
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+    assert "early stop after epoch 2" in resumed.stdout and "epoch 3:" not in resumed.stdout
+    metrics = read_json(run_dir / "metrics.json")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["chosen"]["checkpoint"] == "best.pt" and metrics["chosen"]["epoch"] == 1
+    assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["step"] == 3
