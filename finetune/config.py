@@ -285,6 +285,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error(f"--ema-decay {cfg.ema_decay}: must be below 1 (e.g. 0.999), or 0 for off")
     if cfg.class_balance == "resample" and cfg.data_order != "random":
         parser.error("--class-balance resample draws samples at random: use it with --data-order random")
+    if cfg.augment_with == "opencv" and cfg.decode_on == "device":
+        parser.error("--augment-with opencv is for the loader workers (--decode-on cpu); with --decode-on device "
+                     "the GPU decodes, crops and flips")
     parse_signals(cfg.preempt_signals)
     try:
         check_arch(cfg.arch)

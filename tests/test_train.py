@@ -202,6 +202,8 @@ def test_refusals_exit_2_with_one_line(shards, args, needle, tmp_path):
     (["--head-init", "imagenet-class:x"], "--head-init"),
     (["--class-balance", "resample", "--data-order", "sequential"], "use it with --data-order random"),
     (["--class-balance", "oversample"], "--class-balance: invalid choice"),
+    (["--augment-with", "opencv", "--decode-on", "device"], "--augment-with opencv is for the loader workers"),
+    (["--augment-with", "pil"], "--augment-with: invalid choice"),
 ])
 def test_parser_refuses_invalid_values(args, needle):
     proc = subprocess.run([PYTHON, "train.py", "--data", "x", *args], cwd=REPO, capture_output=True, text=True)
