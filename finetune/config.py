@@ -142,8 +142,8 @@ class Config:
                           "on the CPU", choices=("cpu", "device"), default="cpu")
     augment_with: str = _opt("the library that decodes, crops and flips training images in the loader workers "
                              "(--decode-on cpu): 'torchvision', or 'opencv' (simplejpeg decode + OpenCV resize: "
-                             "the same crops and flips, ~1.5x the images per CPU core on 256-px shards; for GPU nodes with few "
-                             "cores per GPU, docs/performance.md section 7)",
+                             "the same crops and flips, ~1.5x the images per CPU core on 256-px shards; for GPU "
+                             "nodes with few cores per GPU, docs/performance.md section 7)",
                              choices=("torchvision", "opencv"), default="torchvision")
     image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
                            "image_size*256/224 first", type=_positive_int, default=224)

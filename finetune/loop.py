@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import distributed
@@ -25,7 +25,7 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 
 class HostCountEMA(AveragedModel):
-    """torch's AveragedModel with its EMA rule (get_ema_multi_avg_fn: the first update copies, later ones
+    """torch's AveragedModel with the rule of its get_ema_multi_avg_fn (the first update copies, later ones
     lerp by 1 - decay; parameters and buffers), updated without reading the device: torch's own
     update_parameters evaluates `n_averaged == 0` and `n_averaged > 0` on the host every step, i.e. two
     GPU syncs per optimizer step. Here the count is mirrored on the host (`count`), so the update only
@@ -33,7 +33,7 @@ class HostCountEMA(AveragedModel):
     model.pt are unchanged; loading one refreshes the host count (one sync, at resume)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        super().__init__(model, use_buffers=True)
         self.decay, self.count = decay, 0
 
     @torch.no_grad()

@@ -187,3 +187,23 @@ def test_train_stream_with_opencv_gives_the_same_samples_and_labels(shards):
         assert (x.float() - x2.float()).abs().mean() < 6.0
     with pytest.raises(ValueError, match="augment_with"):
         TrainStream(split, augment_with="pil", **train_kw())
+
+
+def test_opencv_augment_falls_back_to_torchvision_decoding(monkeypatch):
+    """A JPEG simplejpeg refuses goes through torchvision's decoder (a CHW tensor seen as HWC): same pixels."""
+    import io
+    import random
+
+    import numpy as np
+    import simplejpeg
+    from PIL import Image
+
+    from finetune.data import train_sample_opencv
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+    usual = train_sample_opencv(buf.getvalue(), 32, random.Random(0))
+
+    def refuse(*args, **kwargs):
+        raise ValueError("unsupported")
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", refuse)
+    assert np.array_equal(train_sample_opencv(buf.getvalue(), 32, random.Random(0)), usual)
