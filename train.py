@@ -20,16 +20,14 @@ Exit codes: 0 done, 2 usage error, 75 stopped by a preemption signal after savin
 from __future__ import annotations
 
 import itertools
-import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed
+from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed, simulated_delay
 from finetune.arch import describe_preprocessing, preprocessing
 from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
 from finetune.config import Config, parse_config, save_config
@@ -98,7 +96,7 @@ def set_up(cfg: Config) -> Job:
                          f"--val-fraction F (e.g. 0.1), or drop --patience")
     distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
     who = distributed.describe(accelerator, cfg.run_dir())
-    _test_startup_delay()
+    simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
@@ -107,13 +105,6 @@ def set_up(cfg: Config) -> Job:
     set_seed(cfg.seed)
     distributed.configure_backends(accelerator.device, cfg.debug)
     return Job(cfg, accelerator, manifest, monitor, who, preprocess)
-
-
-def _test_startup_delay() -> None:
-    """Tests simulate a slow start-up (a model download) to send a signal during it."""
-    delay = float(os.environ.get("FINETUNE_TEST_STARTUP_DELAY_S", "0") or 0)
-    if delay:
-        time.sleep(delay)
 
 
 # ------------------------------------------------------------------------------------------------------

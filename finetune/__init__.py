@@ -17,7 +17,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["EXIT_PREEMPTED", "UsageError", "atomic_write_text", "cli_main"]
+def simulated_delay(variable: str) -> None:
+    """Sleep for the seconds in the environment `variable`, if set: tests simulate slow steps with it
+    (FINETUNE_TEST_SAVE_DELAY_S: a slow checkpoint write; FINETUNE_TEST_STARTUP_DELAY_S: a slow start-up)."""
+    delay = float(os.environ.get(variable, "0") or 0)
+    if delay:
+        import time
+        time.sleep(delay)
+
+
+__all__ = ["EXIT_PREEMPTED", "UsageError", "atomic_write_text", "cli_main", "simulated_delay"]
 
 # Exit code of a run that was asked to stop (preemption signal) and saved a checkpoint to resume from.
 # 75 is EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- slurm/finetune.sh requeues on it.

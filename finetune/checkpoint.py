@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, distributed
+from . import UsageError, distributed, simulated_delay
 from .config import parse_signals
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -153,7 +153,7 @@ class Checkpointer:
             return (f"cannot write the checkpoint of step {state.global_step} to {self.directory}: "
                     f"{e.strerror or e}; the partial file was removed and the older checkpoints are intact "
                     f"-- free space, then restart with --resume auto")
-        _test_delay()
+        simulated_delay("FINETUNE_TEST_SAVE_DELAY_S")     # tests: a slow shared filesystem
         return None
 
     def restore(self, resume: str, log=print) -> TrainState:
@@ -257,14 +257,6 @@ def check_compatible(saved: dict, config: dict, identity: dict, log=print) -> No
 # ------------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------------
-def _test_delay() -> None:
-    """Tests simulate a slow shared filesystem (rank 0 takes this long to write a checkpoint)."""
-    delay = float(os.environ.get("FINETUNE_TEST_SAVE_DELAY_S", "0") or 0)
-    if delay:
-        import time
-        time.sleep(delay)
-
-
 def rng_state() -> dict:
     return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
@@ -350,10 +342,6 @@ def load(path: Path, required: tuple = ()) -> dict:
     if missing:
         raise KeyError(f"damaged: missing {', '.join(missing)}")
     return state
-
-
-def find_resume(resume: str, ckpt_dir: Path, log=print, required: tuple = ()) -> dict | None:
-    return decide_resume(resume, ckpt_dir, log, required)[1]
 
 
 def decide_resume(resume: str, ckpt_dir: Path, log=print, required: tuple = ()) -> tuple[Path | None, dict | None]:

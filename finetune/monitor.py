@@ -144,16 +144,16 @@ class Monitor:
 
     def class_metrics(self, record: dict, classes: list[str], step: int):
         """Per-class precision and recall and balanced accuracy as scalars, the confusion matrix as an image,
-        for every evaluated split in `record` (test, val, ema_test, ema_val)."""
-        if not self.writer:
-            return
+        for every evaluated split in `record` (test, val, ema_test, ema_val). The scalars go to every tracker
+        (--log-with); the image to TensorBoard only."""
         for split in (k[:-len("_confusion")] for k in record if k.endswith("_confusion")):
             values = {f"{split}/balanced_acc": record[f"{split}_balanced_acc"]}
             for i, name in enumerate(classes):
                 values[f"{split}/precision/{name}"] = record[f"{split}_precision"][i]
                 values[f"{split}/recall/{name}"] = record[f"{split}_recall"][i]
             self.scalars(values, step)
-            self.writer.add_image(f"{split}/confusion", confusion_image(record[f"{split}_confusion"]), step)
+            if self.writer:
+                self.writer.add_image(f"{split}/confusion", confusion_image(record[f"{split}_confusion"]), step)
 
     def hparams(self, hparams: dict, metrics: dict):
         """hparams with final metrics, in the run's own event directory (TensorBoard's HPARAMS tab)."""

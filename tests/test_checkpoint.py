@@ -135,7 +135,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "ckpt-00000001.pt" in names and "ckpt-00000002.pt" not in names
     assert any(n.startswith(".ckpt-00000002.pt.tmp") for n in names)     # the torn write, under a temp name
-    state = checkpoint.find_resume("auto", tmp_path)
+    _, state = checkpoint.decide_resume("auto", tmp_path)
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
 
 
@@ -228,7 +228,7 @@ def test_pruning_keeps_this_lineage_after_resume_to_an_older_checkpoint(tmp_path
     checkpoint.save(_fake(13), d, keep_last=1, is_best=False, log=lines.append)
     assert ckpts(tmp_path) == ["ckpt-00000013.pt"]
     assert any("pruned 1 checkpoint(s)" in line and "ckpt-00000012.pt" in line for line in lines), lines
-    assert checkpoint.find_resume("auto", d)["step"] == 13
+    assert checkpoint.decide_resume("auto", d)[1]["step"] == 13
 
 
 def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
