@@ -4,6 +4,7 @@ the device), for the original photos and for data_prep's --shorter-side 256 shar
 PIL transforms (which also make float tensors and normalise, as d2l's loader does).
 
     .venv/bin/python bench/per_core.py            # ~1 min; one process, one thread: a per-core figure
+    .venv/bin/python bench/per_core.py --breakdown   # CPU ms per image of each decode/resize/collate step
 
 Variants, all on the same samples and the same crop/flip draws (finetune.data.random_resized_crop_params):
 - tv-tensor: what TrainStream runs today: torchvision decode_jpeg + resized_crop(antialias) on uint8 tensors,
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.v2 import functional as TF
 
 from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, _tar_samples, collate, decode,
                            load_manifest, opencv_batch, random_resized_crop_params, train_transform)
@@ -94,15 +96,66 @@ def rate(fn, urls, images: int, batch: int) -> tuple[float, float]:
     return n / (time.process_time() - cpu), n / (time.perf_counter() - wall)
 
 
+def breakdown(urls, images: int) -> None:
+    """--breakdown: CPU ms per image of each step of the two fast paths (best of 3), on `images` samples."""
+    import cv2
+    import simplejpeg
+    cv2.setNumThreads(1)
+    datas = [s["jpg"] for _, s in zip(range(images), _tar_samples(urls))]
+    hwc = [simplejpeg.decode_jpeg(d, "RGB") for d in datas]
+    chw = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in hwc]
+    rng = random.Random(0)
+    crops = [random_resized_crop_params(a.shape[0], a.shape[1], rng) for a in hwc]
+    outs = [cv2.resize(a[t:t + h, l:l + w], (SIZE, SIZE)) for a, (t, l, h, w) in zip(hwc, crops)]
+
+    rgb_flags = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+
+    def area_or_linear(h, w):
+        return cv2.INTER_AREA if h >= SIZE and w >= SIZE else cv2.INTER_LINEAR
+    steps = {
+        "decode: torchvision decode_jpeg (CHW)": lambda: [decode(d) for d in datas],
+        "decode: simplejpeg (HWC)": lambda: [simplejpeg.decode_jpeg(d, "RGB") for d in datas],
+        "decode: cv2.imdecode (BGR)": lambda: [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR) for d in datas],
+        "decode: cv2.imdecode (RGB, EXIF ignored: what we need)": lambda: [
+            cv2.imdecode(np.frombuffer(d, np.uint8), rgb_flags) for d in datas],
+        "crop+resize: torchvision resized_crop(antialias)": lambda: [
+            TF.resized_crop(a, t, l, h, w, [SIZE, SIZE], antialias=True) for a, (t, l, h, w) in zip(chw, crops)],
+        "crop+resize: cv2.resize bilinear": lambda: [
+            cv2.resize(a[t:t + h, l:l + w], (SIZE, SIZE)) for a, (t, l, h, w) in zip(hwc, crops)],
+        "crop+resize: cv2.resize area when shrinking": lambda: [
+            cv2.resize(a[t:t + h, l:l + w], (SIZE, SIZE), interpolation=area_or_linear(h, w))
+            for a, (t, l, h, w) in zip(hwc, crops)],
+        "CHW -> HWC copy (torchvision decode for OpenCV)": lambda: [a.permute(1, 2, 0).contiguous() for a in chw],
+        "collate: np.stack of HWC": lambda: [np.stack(outs[i:i + 32]) for i in range(0, len(outs), 32)],
+        "collate: np.stack of flipped views": lambda: [np.stack([o[:, ::-1] for o in outs[i:i + 32]])
+                                                      for i in range(0, len(outs), 32)],
+    }
+    rows = []
+    for name, fn in steps.items():
+        best = []
+        for _ in range(3):
+            t = time.process_time()
+            fn()
+            best.append((time.process_time() - t) / len(datas) * 1000)
+        rows.append({"step": name, "CPU ms per image (best of 3)": f"{min(best):.3f}"})
+    print(table(rows, ["step", "CPU ms per image (best of 3)"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(parser)
     parser.add_argument("--images", type=int, default=384, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: CPU ms per image of each decode/resize/collate step on the 256-px shards")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine("cpu (one core: torch.set_num_threads(1), no DataLoader workers)"))
+    if args.breakdown:
+        args.shorter_side = 256
+        breakdown(load_manifest(shards_for(args)).train.urls, args.images)
+        return
     rows = []
     for side in (0, 256):
         args.shorter_side = side

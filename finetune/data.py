@@ -136,7 +136,7 @@ def train_transform(img: torch.Tensor, size: int, rng: random.Random) -> torch.T
 def train_sample_opencv(data: bytes, size: int, rng: random.Random, out: np.ndarray | None = None) -> np.ndarray:
     """train_transform's job for --augment-with opencv: the same crop and flip draws from `rng`, into an HWC
     uint8 array (`out`, e.g. a row of opencv_batch's buffer, so no stacking copy follows). simplejpeg
-    (libjpeg-turbo) decodes straight to HWC RGB; OpenCV's resize is ~4x cheaper than torchvision's
+    (libjpeg-turbo) decodes straight to HWC RGB; OpenCV's resize is 2.6-4x cheaper than torchvision's
     antialiased one (docs/performance.md section 7): bilinear when the crop is enlarged, area averaging when
     it is shrunk (so shrinking is antialiased too). A JPEG simplejpeg refuses (e.g. CMYK) goes through
     torchvision's decoder instead. EXIF orientation is ignored by both, as in train_transform."""
