@@ -68,12 +68,11 @@ def setup(cfg) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.debug and world > 1:
         raise UsageError(f"--debug runs one process; this launch started {world} (use python train.py --debug)")
-    cuda = torch.cuda.is_available()
-    if cfg.sync_bn and not cuda:
+    # cpu=... : without it, torchrun on a CPU-only machine would start N independent single-process runs.
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    if cfg.sync_bn and cpu:
         raise UsageError("--sync-bn needs GPUs: torch's SyncBatchNorm only runs on CUDA tensors "
                          "(use --freeze-bn for small per-process batches on CPU)")
-    # cpu=... : without it, torchrun on a CPU-only machine would start N independent single-process runs.
-    cpu = not cuda or parse_flag_from_env("ACCELERATE_USE_CPU")
     if not cpu:
         check_one_device_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(),
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -117,7 +116,20 @@ TIMEOUTS = {"steady": 60, "patient": 1800, "current": 1800}   # seconds; set fro
 def _set_timeout(seconds: float) -> None:
     TIMEOUTS["current"] = seconds
     if dist.is_initialized():
-        dist.set_timeout(timedelta(seconds=seconds))
+        set_group_timeout(timedelta(seconds=seconds))
+
+
+def set_group_timeout(timeout: timedelta, group=None) -> None:
+    """The timeout of every collective started from now on in `group` (default: the default group, the one
+    DDP's gradient all-reduce and our votes use), on the live group, gloo and NCCL. torch >= 2.12 has the
+    public dist.set_timeout (ProcessGroup::setTimeout, which forwards to each backend); torch 2.2 .. 2.11 only
+    have distributed_c10d._set_pg_timeout, which calls each gloo/NCCL backend's _set_default_timeout (2.12+
+    keeps it as a deprecated alias of set_timeout). A separate group per timeout would not do: DDP's
+    all-reduce, which a hung peer blocks first, always runs on the group DDP was built with."""
+    if hasattr(dist, "set_timeout"):
+        dist.set_timeout(timeout, group)
+    else:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def steady() -> None:
@@ -277,10 +289,10 @@ def buffer_digest(model: torch.nn.Module) -> str:
 
 def peak_gpu_memory_gib(device: torch.device) -> float | None:
     """The largest peak GPU memory of any rank since the last call (then reset, so it is per epoch)."""
-    if not torch.cuda.is_available():
-        return None
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
+    if device.type != "cuda":       # not cuda.is_available(): ACCELERATE_USE_CPU=1 on a GPU node would open
+        return None                 # a CUDA context on GPU 0 just to read a peak of zero
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
     return all_reduce([peak], device, op=dist.ReduceOp.MAX)[0]
 
 
@@ -297,50 +309,74 @@ def configure_backends(device: torch.device, debug: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-class AsyncVote:
-    """'Did any rank get a preemption signal?' without blocking the host on the device every step.
+class AsyncReduce:
+    """An all-reduce of a few numbers whose result the host reads later, without blocking on the device.
 
-    vote(flag) at step k starts an all-reduce (MAX) of this rank's flag with async_op=True and, on CUDA,
-    queues a non-blocking copy of the result into pinned host memory plus an event; it returns the result of
-    the vote started at step k-1, waiting only for *that* event -- by then the device has long finished step
-    k-1 while step k is already queued, so the host stays one step ahead. Every rank reads the same reduced
-    value at the same step, so all ranks stop after the same step (one step after the signal was seen).
-    settle() waits for the last vote (at an epoch's end)."""
+    start(t) starts an all-reduce of `t` (a tensor it now owns) with async_op=True and, on CUDA, queues a
+    non-blocking copy of the result into pinned host memory plus an event; result() waits for *that* event
+    only. Read a step after it started, the device has long finished the step the numbers belong to while the
+    next step is already queued, so the host stays ahead and the pipeline is never drained. One reduction in
+    flight at a time; every rank must start them in the same order (they are collectives)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._host = None           # one pinned host number the result is copied into (CUDA)
+    def __init__(self, device: torch.device, op=None):
+        self.device, self.op = device, op
+        self._host = None           # pinned host memory the result is copied into (CUDA)
         self._pending = None        # (work or None, reduced tensor, event or None)
 
-    def vote(self, flag: bool) -> bool:
-        previous = self.settle()
-        t = torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device)
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def start(self, t: torch.Tensor) -> None:
+        assert self._pending is None, "read the previous result first"
         work = None
         if dist.is_initialized() and dist.get_world_size() > 1:
-            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+            work = dist.all_reduce(t, op=self.op or dist.ReduceOp.SUM, async_op=True)
         event = None
-        if self.cuda:
+        if self.device.type == "cuda":
             if work is not None:
                 work.wait()                 # on CUDA: the current stream waits for NCCL; the host does not
                 work = None
-            if self._host is None:
-                self._host = torch.empty(1, dtype=t.dtype, pin_memory=True)
+            if self._host is None or self._host.shape != t.shape or self._host.dtype != t.dtype:
+                self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             self._host.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         self._pending = (work, t, event)
-        return previous
 
-    def settle(self) -> bool:
-        """The result of the vote in flight (False when none), waiting for it."""
+    def result(self) -> list[float] | None:
+        """The reduced numbers of the reduction in flight (None when none), waiting for it."""
         if self._pending is None:
-            return False
+            return None
         work, t, event = self._pending
         self._pending = None
         if work is not None:
             work.wait()
         if event is not None:
-            event.synchronize()             # waits for that step's event only, not for work queued after it
-            return bool(self._host[0] > 0)
-        return bool(t[0] > 0)
+            event.synchronize()             # waits for that event only, not for work queued after it
+            return self._host.tolist()
+        return t.tolist()
+
+
+class AsyncVote:
+    """'Did any rank get a preemption signal?' without blocking the host on the device every step.
+
+    vote(flag) at step k starts an all-reduce (MAX) of this rank's flag (AsyncReduce) and returns the result
+    of the vote started at step k-1 -- by then the device has long finished step k-1 while step k is already
+    queued, so the host stays one step ahead. Every rank reads the same reduced value at the same step, so
+    all ranks stop after the same step (one step after the signal was seen). settle() waits for the last
+    vote (at an epoch's end)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reduce = AsyncReduce(device, dist.ReduceOp.MAX)
+
+    def vote(self, flag: bool) -> bool:
+        previous = self.settle()
+        self._reduce.start(torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device))
+        return previous
+
+    def settle(self) -> bool:
+        """The result of the vote in flight (False when none), waiting for it."""
+        result = self._reduce.result()
+        return bool(result and result[0] > 0)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, simulated_delay
 from .checkpoint import Checkpointer, PreemptionFlag, TrainState
 from .model import lr_factor, set_lr, set_train_mode
 from .monitor import StepTimer
@@ -26,30 +26,51 @@ def make_ema(model: torch.nn.Module, decay: float):
 
 class HostCountEMA(AveragedModel):
     """torch's AveragedModel with the rule of its get_ema_multi_avg_fn (the first update copies, later ones
-    lerp by 1 - decay; parameters and buffers), updated without reading the device: torch's own
-    update_parameters evaluates `n_averaged == 0` and `n_averaged > 0` on the host every step, i.e. two
-    GPU syncs per optimizer step. Here the count is mirrored on the host (`count`), so the update only
-    queues kernels. The state dict (`n_averaged` included) is AveragedModel's, so checkpoints and
-    model.pt are unchanged; loading one refreshes the host count (one sync, at resume)."""
+    lerp by 1 - decay), updated without reading the device: torch's own update_parameters evaluates
+    `n_averaged == 0` and `n_averaged > 0` on the host every step, i.e. two GPU syncs per optimizer step.
+    Here the count is mirrored on the host (`count`), so the update only queues kernels. The state dict
+    (`n_averaged` included) is AveragedModel's, so checkpoints and model.pt are unchanged; loading one
+    refreshes the host count (one sync, at resume).
+
+    Floating-point parameters and buffers are averaged (one foreach lerp per step). Integer buffers
+    (BatchNorm's num_batches_tracked) are not: torch would run ~4 tiny kernels per buffer and step (~80 for
+    a ResNet-18) to lerp a counter and truncate it, a number that nothing in eval mode reads. They are
+    copied from the model once, when the state dict is taken (checkpoint, model.pt), so the EMA's counters
+    are the model's."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         super().__init__(model, use_buffers=True)
         self.decay, self.count = decay, 0
+        self._pairs = None          # (model, our floats, its floats, our integers, its integers)
+        self.module.register_state_dict_pre_hook(lambda *_: self._copy_counters())
+
+    def _tensors(self, model: torch.nn.Module) -> tuple:
+        """(our floats, its floats, our integers, its integers), built once per model (not every step)."""
+        if self._pairs is None or self._pairs[0] is not model:
+            ours = itertools.chain(self.module.parameters(), self.module.buffers())
+            theirs = itertools.chain(model.parameters(), model.buffers())
+            lists = ([], [], [], [])
+            for a, b in zip(ours, theirs):
+                k = 0 if a.is_floating_point() else 2
+                lists[k].append(a)
+                lists[k + 1].append(b.detach())
+            self._pairs = (model, *lists)
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        ours = list(itertools.chain(self.module.parameters(), self.module.buffers()))
-        theirs = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+        our_f, their_f, our_i, their_i = self._tensors(model)
         if self.count == 0:
-            torch._foreach_copy_(ours, theirs)
-        else:
-            floats = [(a, b) for a, b in zip(ours, theirs) if a.is_floating_point()]
-            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay)
-            for a, b in zip(ours, theirs):
-                if not a.is_floating_point():          # e.g. BatchNorm's num_batches_tracked, as torch does
-                    a.copy_(a * self.decay + b * (1 - self.decay))
+            torch._foreach_copy_(our_f + our_i, their_f + their_i)
+        elif our_f:
+            torch._foreach_lerp_(our_f, their_f, 1 - self.decay)
         self.n_averaged += 1
         self.count += 1
+
+    @torch.no_grad()
+    def _copy_counters(self) -> None:
+        if self._pairs is not None and self._pairs[3]:
+            torch._foreach_copy_(self._pairs[3], self._pairs[4])
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -92,10 +113,12 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
                dynamic_ncols=True)
+    log = RunningLog(accelerator.device, cfg.log_every, monitor)
     epoch_start = time.perf_counter()
-    distributed.relaxed()            # the first step may compile / autotune: a long wait is no dead rank
+    distributed.relaxed()     # until every rank is past this epoch's first step (compiling, forking workers)
     timer.start()
     for step in range(start, steps):
+        simulated_slow_rank(accelerator.process_index, step - start)
         with sync_debug(accelerator.device, step - start):
             set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
             optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
@@ -104,23 +127,52 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
             note_skipped_step(state, accelerator, monitor)
             timer.step_done()
         bar.update(1)
-        if step == start:
-            distributed.steady()     # past the first step (compilation, autotuning): hung ranks fail fast
-
-        if state.global_step % cfg.log_every == 0:
-            loss_sum, correct_sum, n = distributed.all_reduce(state.sums.tolist(), accelerator.device)
-            monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, state.global_step)
         if cfg.save_every and state.global_step % cfg.save_every == 0 and step + 1 < steps:
             checkpointer.save(state)
-        # One tiny asynchronous all-reduce per step: every rank learns, one step later and all at the same
-        # step, whether any rank was asked to stop (no host-device sync in the step).
+        # Tiny asynchronous all-reduces, each read one step later (no host-device sync in the step): the
+        # running sums every --log-every steps, and the vote by which every rank learns, all at the same
+        # step, whether any rank was asked to stop.
         with sync_debug(accelerator.device, step - start):
+            log.step(state)
             stop = preempt.poll(accelerator.device)
+        if step == start + 1:    # this poll read the first step's vote: every rank is past that step
+            distributed.steady()     # (docs/cluster.md "Timeouts"); from here a long wait is a hung rank
         if stop:
             break
+    log.flush()
     preempt.settle()
     bar.close()
     return epoch_metrics(state.sums, timer, epoch_start, cfg.batch_size, accelerator)
+
+
+class RunningLog:
+    """train/loss and train/acc every --log-every steps, over all ranks: the running sums go through an
+    asynchronous all-reduce (distributed.AsyncReduce) that is read one step later, when the device has long
+    finished it. A blocking all-reduce here would drain the pipeline every --log-every steps."""
+
+    def __init__(self, device: torch.device, every: int, monitor):
+        self.reduce, self.every, self.monitor, self.at = distributed.AsyncReduce(device), every, monitor, None
+
+    def step(self, state: TrainState) -> None:
+        self.flush()
+        if state.global_step % self.every == 0:
+            self.reduce.start(state.sums.clone())
+            self.at = state.global_step
+
+    def flush(self) -> None:
+        """Log the reduction in flight, if any (waits for it)."""
+        totals = self.reduce.result()
+        if totals is not None:
+            loss_sum, correct_sum, n = totals
+            self.monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, self.at)
+
+
+def simulated_slow_rank(rank: int, step_in_run: int) -> None:
+    """Tests: with FINETUNE_TEST_SLOW_AT=RANK:STEP, that rank sleeps FINETUNE_TEST_SLOW_STEP_S seconds before
+    the STEP-th step it runs in each epoch (0: the first) -- a rank still compiling, or a fresh loader
+    worker's first batch -- while the other ranks wait for it in that step's collectives."""
+    if os.environ.get("FINETUNE_TEST_SLOW_AT") == f"{rank}:{step_in_run}":
+        simulated_delay("FINETUNE_TEST_SLOW_STEP_S")
 
 
 def sync_debug(device: torch.device, step_in_run: int):
@@ -161,15 +213,21 @@ def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accele
         accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
+    if ema is not None and not step_was_skipped(accelerator):    # a skipped step changed no weight
         ema.update_parameters(model)
+
+
+def step_was_skipped(accelerator) -> bool:
+    """fp16: did GradScaler skip the optimizer step just taken (inf/nan gradients)? Its inf check has
+    already been read back by the scaler, so asking costs no further sync."""
+    return accelerator.scaler is not None and accelerator.optimizer_step_was_skipped
 
 
 def note_skipped_step(state: TrainState, accelerator, monitor) -> None:
     """fp16: GradScaler skips the optimizer step when the gradients overflowed (and lowers the scale). Such a
     step is not an update: it is counted (state.skipped_steps, TensorBoard train/skipped_steps, console) and
     the lr schedule advances by updates only."""
-    if accelerator.scaler is None or not accelerator.optimizer_step_was_skipped:
+    if not step_was_skipped(accelerator):
         return
     state.skipped_steps += 1
     monitor.scalars({"train/skipped_steps": state.skipped_steps}, state.global_step)
@@ -216,7 +274,9 @@ def evaluate(model, loader, *, accelerator, normalize, num_classes: int = 2, spl
         images, labels = normalize(images, labels)
         losses, predicted = eval_batch(model, images, labels, accelerator, tta)
         sums[0] += losses.sum().to(sums)
-        sums[1:] += torch.bincount(labels * c + predicted, minlength=c * c).to(sums)
+        # Count into the confusion cells on the device: CUDA's bincount reads the largest index back to size
+        # its output, a host sync every batch. The counts are exact in float64 whatever the order of adds.
+        sums.index_put_((labels * c + predicted + 1,), torch.ones_like(losses, dtype=sums.dtype), accumulate=True)
     totals = distributed.all_reduce(sums.tolist(), accelerator.device)
     confusion = torch.tensor(totals[1:], dtype=torch.float64).view(c, c)
     n = int(confusion.sum())

@@ -5,13 +5,20 @@ A requeued or resumed job must continue the *same* tracker run, not open a secon
 kept in RUN_DIR/trackers.json (written when a run first starts its trackers) and handed back to the
 tracker on every later start of that run directory (MLflow: `run_id`; W&B: `id` with `resume="allow"`).
 
-TensorBoard stays our own SummaryWriter (finetune/monitor.py): it needs `purge_step` after a resume."""
+TensorBoard stays our own SummaryWriter (finetune/monitor.py): it needs `purge_step` after a resume.
+
+Values reach MLflow / W&B from a background thread (BackgroundLog): a slow or unreachable tracking server
+must not stall rank 0's training loop -- every other rank would wait for it at the next collective, and
+past --collective-timeout that reads as a dead peer."""
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -21,6 +28,8 @@ KNOWN = ("tensorboard", "mlflow", "wandb")
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
 IDS_FILE = "trackers.json"
 DEFAULT_EXPERIMENT = "hotdog-finetune"
+QUEUE_LIMIT = 10_000        # log calls waiting for a slow tracker before the oldest are dropped
+CLOSE_TIMEOUT_S = 20        # at close, how long the queue may take to drain (within Slurm's 30 s KillWait)
 
 
 def parse_log_with(text: str) -> tuple[str, ...]:
@@ -55,6 +64,7 @@ class Trackers:
         self.run_dir = Path(run_dir)
         self.trackers: list = []
         self.ids: dict = {}
+        self._queue: BackgroundLog | None = None
 
     def start(self, config: dict, resumed_step: int) -> None:
         """Start (or continue, with the ids in trackers.json) each tracker's run. The config is logged as
@@ -98,10 +108,100 @@ class Trackers:
         return tracker, not saved.get("id")
 
     def log(self, values: dict, step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(values, step=step)
+        """Queue `values` for every tracker; returns at once (BackgroundLog)."""
+        if not self.trackers:
+            return
+        if self._queue is None:
+            self._queue = BackgroundLog(self._write)
+        self._queue.put(dict(values), step)
+
+    def _write(self, values: dict, step: int) -> None:
+        """On the logging thread: each tracker in turn; one failing does not keep values from the others."""
+        for name, tracker in zip(self.names, self.trackers):
+            try:
+                # MLflow's active run is thread-local: name it, or this thread would open a second run.
+                extra = {"run_id": self.ids["mlflow"]["run_id"]} if name == "mlflow" else {}
+                tracker.log(values, step=step, **extra)
+            except Exception as exc:        # a tracker server's failure must not end the training run
+                self._queue.failed(name, exc)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued value is logged (at most `timeout` s); False if some are still waiting."""
+        return self._queue.flush(timeout) if self._queue else True
 
     def finish(self) -> None:
+        if self._queue is not None:
+            self._queue.close(CLOSE_TIMEOUT_S)
+            self._queue = None
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+class BackgroundLog:
+    """Calls write(values, step) on a daemon thread, in order. The queue holds at most QUEUE_LIMIT calls;
+    when a tracker falls that far behind, the OLDEST waiting call is dropped (drop-oldest, not block: the
+    training loop never waits for a tracker; the newest values are the ones worth having). Drops and write
+    errors are reported once each on stderr, and counted in the line close() prints."""
+
+    def __init__(self, write):
+        self._write = write
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = self._closing = False
+        self.dropped, self.errors = 0, 0
+        self._thread = threading.Thread(target=self._run, name="tracker-log", daemon=True)
+        self._thread.start()
+
+    def put(self, values: dict, step) -> None:
+        with self._cond:
+            if len(self._items) >= QUEUE_LIMIT:
+                self._items.popleft()
+                self.dropped += 1
+                if self.dropped == 1:
+                    _warn(f"the trackers are more than {QUEUE_LIMIT} log calls behind (a slow tracking "
+                          f"server?); dropping the oldest values from now on")
+            self._items.append((values, step))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items or self._closing)
+                if not self._items:
+                    return
+                values, step = self._items.popleft()
+                self._busy = True
+            try:
+                self._write(values, step)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def failed(self, name: str, exc: Exception) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            _warn(f"logging to {name} failed ({type(exc).__name__}: {str(exc)[:200]}); training goes on, "
+                  f"further failures are only counted")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+
+    def close(self, timeout: float) -> None:
+        """Drain the queue (at most `timeout` s), stop the thread, and say what did not reach the trackers."""
+        drained = self.flush(timeout)
+        with self._cond:
+            left = len(self._items)
+            self._items.clear()
+            self._closing = True
+            self._cond.notify_all()
+        if not drained:
+            _warn(f"the trackers did not take the last {left} log call(s) within {timeout} s; they are lost")
+        if self.dropped or self.errors:
+            _warn(f"tracker logging: {self.dropped} call(s) dropped (queue full), {self.errors} failed")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

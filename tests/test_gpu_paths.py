@@ -90,9 +90,8 @@ def test_peak_gpu_memory_is_the_largest_rank_and_reset_per_epoch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2 ** 30)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: resets.append(1))
     monkeypatch.setattr(distributed, "all_reduce", lambda values, device, op=None: [max(values + [5.0])])
-    assert distributed.peak_gpu_memory_gib(torch.device("cpu")) == 5.0 and resets == [1]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.peak_gpu_memory_gib(torch.device("cpu")) is None
+    assert distributed.peak_gpu_memory_gib(torch.device("cuda", 0)) == 5.0 and resets == [1]
+    assert distributed.peak_gpu_memory_gib(torch.device("cpu")) is None and resets == [1]   # a CPU rank
 
 
 def test_nvjpeg_failures_other_than_bad_images_are_warned_once(monkeypatch):
