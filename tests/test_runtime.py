@@ -118,13 +118,14 @@ def test_a_rank_slow_at_an_epochs_first_steps_is_no_dead_rank(shards, imagenet_l
 
 
 def test_a_rank_hung_in_the_steady_state_fails_the_run_after_the_short_timeout(shards, imagenet_like, tmp_path):
-    """The same 8 s, two steps later (the steady state): rank 0 gives up after --collective-timeout (3 s, not
-    the 120 s start-up timeout) with the one-line explanation."""
+    """Rank 1 stops answering two steps later (the steady state): rank 0 gives up after --collective-timeout
+    (3 s; the whole run well under the 300 s start-up timeout) with the one-line explanation."""
     t0 = time.monotonic()
-    proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", imagenet_like, *SLOW],
-                     procs=2, env={"FINETUNE_TEST_SLOW_AT": "1:2", "FINETUNE_TEST_SLOW_STEP_S": "200"},
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", imagenet_like, *SLOW,
+                      "--startup-timeout", "300"],
+                     procs=2, env={"FINETUNE_TEST_SLOW_AT": "1:2", "FINETUNE_TEST_SLOW_STEP_S": "1000"},
                      timeout=400, check=False)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 190, proc.stderr[-3000:]
+    assert proc.returncode != 0 and time.monotonic() - t0 < 250, proc.stderr[-3000:]
     assert "rank 0: a collective with the other ranks failed" in proc.stderr, proc.stderr[-3000:]
 
 
