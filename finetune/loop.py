@@ -35,7 +35,7 @@ class HostCountEMA(AveragedModel):
     Floating-point parameters and buffers are averaged (one foreach lerp per step). Integer buffers
     (BatchNorm's num_batches_tracked) are not: torch would run ~4 tiny kernels per buffer and step (~80 for
     a ResNet-18) to lerp a counter and truncate it, a number that nothing in eval mode reads. They are
-    copied from the model once, when the state dict is taken (checkpoint, model.pt), so the EMA's counters
+    copied from the model whenever the state dict is taken (checkpoint, model.pt), so the EMA's counters
     are the model's."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
