@@ -352,6 +352,33 @@ def test_a_url_is_never_folded_into_a_path(tmp_path):
     assert str(staged_folder(url)) in proc.stderr
 
 
+def test_fetch_mirror_refuses_an_oversized_file_before_writing_it(tmp_path, monkeypatch, capsys):
+    """Issue 20, item 4: `finetune.fetch --mirror` with a 300 MB fake hotdog.zip (sparse here) stops at the
+    size cap with one line; no hotdog.zip or .part file is left. A torchvision file larger than its published
+    size likewise."""
+    from types import SimpleNamespace
+
+    from finetune import fetch, weights
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    with open(mirror / "hotdog.zip", "wb") as f:
+        f.truncate(fetch.HOTDOG_ZIP_CAP + 1)
+    for var in ("TORCH_HOME", "HF_HOME", "HOTDOG_CACHE"):
+        monkeypatch.setenv(var, "unset-by-test")
+    start = time.monotonic()
+    (mirror / "resnet18-0123abcd.pth").write_bytes(b"x" * 5000)
+    monkeypatch.setattr(weights, "torchvision_weights", lambda arch: SimpleNamespace(
+        url="https://download.pytorch.org/models/resnet18-0123abcd.pth", meta={"_file_size": 0.003}))
+    assert fetch.main(["--arch", "resnet18", "--cache", str(cache), "--mirror", str(mirror)]) == 2
+    assert "5000 bytes, more than the 4194 a real resnet18-0123abcd.pth can have" in capsys.readouterr().err
+    monkeypatch.setattr(fetch, "fetch_weights", lambda arch, mirror: "skipped")
+    assert fetch.main(["--cache", str(cache), "--mirror", str(mirror)]) == 2
+    err = capsys.readouterr().err
+    assert f"more than the {fetch.HOTDOG_ZIP_CAP} a real hotdog.zip can have; nothing written" in err
+    assert len(err.strip().splitlines()) == 1 and time.monotonic() - start < 10
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
 def test_train_py_reads_a_data_set_over_http(server, shards, imagenet_like, tmp_path):
     """train.py stages from a real HTTP server; the server is killed as soon as staging is done, while the run
     is still starting or training: the run goes on from the local copy (2 epochs, every test sample). A
