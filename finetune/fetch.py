@@ -109,7 +109,8 @@ def _mirror_download(url: str, target: Path, cap: int, problem_of) -> None:
             raise UsageError(f"could not fetch {url}: {problem}; not a copy of {target.name}")
         os.replace(part, target)
     except (OSError, ValueError) as e:     # URLError, timeouts, a full disk
-        raise UsageError(f"could not fetch {url} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise UsageError(f"could not fetch {url} ({type(e).__name__}: {reason})") from None
     finally:
         part.unlink(missing_ok=True)
 

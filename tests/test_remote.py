@@ -161,7 +161,8 @@ def test_a_data_set_in_use_is_never_evicted(server, shards, tmp_path):
     total = sum(p.stat().st_size for p in shards.glob("*.tar"))
     cache = tmp_path / "cache"
     holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from finetune.remote import stage; "
-                               f"held = []; stage({srv.url + '/a'!r}, {str(cache)!r}, 10**9, held=held); print('staged', flush=True); "
+                               f"held = []; stage({srv.url + '/a'!r}, {str(cache)!r}, 10**9, held=held); "
+                               "print('staged', flush=True); "
                                "time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "staged"
@@ -263,8 +264,8 @@ def test_two_runs_staging_one_url_download_it_once(server, shards, tmp_path):
     log = tmp_path / "requests.log"
     srv = server(delay=0.3, log=log)
     cache = tmp_path / "cache"
-    first = subprocess.Popen([PYTHON, "-c", f"from finetune.remote import stage; stage({srv.url!r}, {str(cache)!r}, 10**9)"],
-                             cwd=REPO)
+    script = f"from finetune.remote import stage; stage({srv.url!r}, {str(cache)!r}, 10**9)"
+    first = subprocess.Popen([PYTHON, "-c", script], cwd=REPO)
     try:
         wait_for(lambda: log.exists() and ".tar" in log.read_text(), 60, "the first run's downloads", [first])
         folder = stage(srv.url, cache, 10**9, FAST)
