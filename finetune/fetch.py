@@ -25,7 +25,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-HOTDOG_ZIP_CAP = 512 << 20          # no published size to check against: a cap (d2l's file is smaller)
+HOTDOG_ZIP_CAP = 512 << 20          # no published size to check against here: a cap, not the exact size
 WEIGHTS_CAP = 4 << 30               # torchvision weights without a published size: the largest are ~2.5 GB
 
 
