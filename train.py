@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from data_prep.remote import redact_url
 from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed, simulated_delay
 from finetune.arch import describe_preprocessing, preprocessing
 from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
@@ -92,8 +93,8 @@ def set_up(cfg: Config) -> Job:
                          f"{cfg.grad_accum} accumulation steps")
     manifest = load_manifest(stage_data(cfg, accelerator))   # remote --data: staged (finetune/remote.py)
     if cfg.patience and manifest.val is None:
-        raise UsageError(f"--patience needs a val split, and {cfg.data} has none: re-run data_prep with "
-                         f"--val-fraction F (e.g. 0.1), or drop --patience")
+        raise UsageError(f"--patience needs a val split, and {redact_url(cfg.data)} has none: re-run data_prep "
+                         f"with --val-fraction F (e.g. 0.1), or drop --patience")
     distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
     who = distributed.describe(accelerator, cfg.run_dir())
     simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
@@ -134,7 +135,7 @@ def make_data(job: Job) -> Data:
     steps = manifest.train.num_samples // cfg.batch_size
     if steps == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {manifest.train.num_samples} "
-                         f"training samples in {cfg.data}")
+                         f"training samples in {redact_url(cfg.data)}")
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)

@@ -194,7 +194,9 @@ class Config:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What is recorded (config.yaml, checkpoints, tracker params): a --data URL's credentials hidden."""
+        from data_prep.remote import redact_url
+        return {**dataclasses.asdict(self), "data": redact_url(self.data)}
 
 
 def _flag(f: dataclasses.Field) -> str:

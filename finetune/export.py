@@ -214,6 +214,7 @@ def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
 
     from .data import load_manifest
     from .model import load_trained
+    from .remote import staged_or_local
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: no such folder (train.py's --output-dir/--name)")
     model, saved = load_trained(str(run_dir / "model.pt"), flag="RUN_DIR", ema=ema)
@@ -226,7 +227,7 @@ def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
     key = "ema_test_acc" if ema else "test_acc"
     if final.get(key) is None:
         raise UsageError(f"RUN_DIR {run_dir}: metrics.json has no final {key} to check against")
-    manifest = load_manifest(data or cfg.get("data", ""))
+    manifest = load_manifest(data or staged_or_local(cfg.get("data", ""), cfg.get("cache_dir")))
     return Run(model, saved, manifest.test, int(cfg.get("eval_limit") or 0), str(cfg.get("tta") or "none"),
                str(cfg.get("precision", "no")), float(final[key]))
 

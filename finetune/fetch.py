@@ -11,7 +11,9 @@ Layout (each library's own cache layout, so train.py finds the files with no fla
     CACHE/SHA256SUMS                               what is there (`cd CACHE && sha256sum -c SHA256SUMS`)
 Every download is checked: torchvision's against the hash in its file name, hotdog.zip against d2l's sha1,
 timm's by the Hugging Face hub. --mirror DIR_OR_URL takes the torchvision files and hotdog.zip from a mirror
-(same file names) instead of their home servers; the checks stay the same.
+(same file names) instead of their home servers; the checks stay the same, and a mirror's file is never read
+past a size cap (torchvision's published file size, hotdog.zip: HOTDOG_ZIP_CAP): a larger Content-Length is
+refused before anything is written, a longer body is cut one byte past the cap, and the .part file is removed.
 Exit codes: 0 all fetched, 2 usage error or a download that failed or did not verify.
 """
 
@@ -20,7 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.request
 from pathlib import Path
+
+HOTDOG_ZIP_CAP = 512 << 20          # no published size to check against here: a cap, not the exact size
+WEIGHTS_CAP = 4 << 30               # torchvision weights without a published size: the largest are ~2.5 GB
 
 
 def _env(cache: Path) -> dict:
@@ -50,6 +56,10 @@ def fetch_weights(arch: str, mirror: str | None) -> str:
         return f"{arch}: {source}"
     w = weights.torchvision_weights(arch)
     target = weights.torchvision_cache_file(arch)
+    if mirror and not target.exists():
+        size_mib = (getattr(w, "meta", None) or {}).get("_file_size")      # MiB, rounded to 3 decimals
+        cap = int((size_mib + 0.001) * 2**20) if size_mib else WEIGHTS_CAP
+        _mirror_download(_mirrored(w.url, mirror), target, cap, lambda part: _hash_prefix_problem(part, target.name))
     try:
         torch.hub.load_state_dict_from_url(_mirrored(w.url, mirror), map_location="cpu", check_hash=True,
                                            weights_only=True, file_name=target.name, progress=False)
@@ -62,10 +72,55 @@ def fetch_weights(arch: str, mirror: str | None) -> str:
 
 def fetch_hotdog(cache: Path, mirror: str | None) -> str:
     from data_prep import sources
-    if mirror:
-        os.environ[sources.URL_ENV] = _mirrored(sources.D2L_URL, mirror)
-    path = sources.fetch_d2l(cache / "data")        # its errors are the one UsageError
+    from data_prep.manifest import file_digests
+    target = cache / "data" / "hotdog.zip"
+    if mirror and not (target.exists() and file_digests(target, "sha1")["sha1"] == sources.D2L_SHA1):
+        def sha1_problem(part: Path) -> str | None:
+            sha1 = file_digests(part, "sha1")["sha1"]
+            return None if sha1 == sources.D2L_SHA1 else f"sha1 {sha1}, expected {sources.D2L_SHA1}"
+        _mirror_download(_mirrored(sources.D2L_URL, mirror), target, HOTDOG_ZIP_CAP, sha1_problem)
+    path = sources.fetch_d2l(cache / "data")        # verifies the copy again; its errors are the one UsageError
     return f"hotdog.zip: {path} (sha1 {sources.D2L_SHA1} verified)"
+
+
+def _mirror_download(url: str, target: Path, cap: int, problem_of) -> None:
+    """Copy the mirror's `url` to `target` through TARGET.part-PID, at most `cap` bytes; `problem_of(part)` says
+    what is wrong with a complete copy (a hash), or None. The .part file is removed whatever happens."""
+    from . import UsageError
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.part-{os.getpid()}")
+    part.unlink(missing_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            length = int(response.headers.get("Content-Length") or 0)
+            if length > cap:
+                raise UsageError(f"could not fetch {url}: {length} bytes, more than the {cap} a real "
+                                 f"{target.name} can have; nothing written")
+            with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as out:
+                size = 0
+                while chunk := response.read(1 << 20):
+                    size += len(chunk)
+                    if size > cap:
+                        raise UsageError(f"could not fetch {url}: more than the {cap} bytes a real {target.name} "
+                                         f"can have; stopped there")
+                    out.write(chunk)
+        problem = problem_of(part)
+        if problem:
+            raise UsageError(f"could not fetch {url}: {problem}; not a copy of {target.name}")
+        os.replace(part, target)
+    except (OSError, ValueError) as e:     # URLError, timeouts, a full disk
+        reason = (str(e).splitlines() or [""])[0][:120]
+        raise UsageError(f"could not fetch {url} ({type(e).__name__}: {reason})") from None
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _hash_prefix_problem(part: Path, name: str) -> str | None:
+    """torchvision's file names end in -HASH.pth, HASH a prefix of the file's sha256 (torch.hub's check)."""
+    prefix = name.rsplit("-", 1)[-1].split(".")[0]
+    from data_prep.manifest import file_digests
+    digest = file_digests(part, "sha256")["sha256"]
+    return None if digest.startswith(prefix) else f"sha256 {digest[:12]}... does not start with {prefix} (its name)"
 
 
 def write_sums(cache: Path) -> Path:
