@@ -15,6 +15,7 @@ the end. A crash or an error leaves, at worst, a hidden `.NAME.tmp-PID` folder, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -125,9 +126,9 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `out` when the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and `out`
-    is left exactly as it was.
+    is left exactly as it was; a full disk or quota is then a UsageError (one line) saying so.
     """
-    out = output_target(out)
+    given, out = out, output_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     # Unpredictable and exclusive (mkdtemp), still ending in -PID for _remove_stale.
@@ -137,8 +138,12 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / _OWNER).unlink()
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UsageError(f"{given}: the disk is full ({e.strerror}, writing {e.filename or 'the output'}); the "
+                             f"temporary folder was removed and {given} is unchanged: free space or write "
+                             f"elsewhere") from None
         raise
     if out.exists():
         # Two renames instead of rmtree-then-rename: `out` is never missing for longer than

@@ -395,7 +395,10 @@ def _scan_class_folders(root: Path, test_fraction: float, seed: int) -> Layout:
         skipped += bad
         paths.sort(key=lambda p: hashlib.sha256(f"{seed}:{p.relative_to(root).as_posix()}".encode()).digest())
         n = len(paths)
-        n_test = min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
+        if n < 2:       # else one split gets none of the class, reported later as "no readable image"
+            raise UsageError(f"--test-fraction {test_fraction:g}: class {name} has {n} image file(s) in "
+                             f"{root / name}; splitting needs at least 2 per class (one for test): add images")
+        n_test = min(max(round(n * test_fraction), 1), n - 1)
         chosen["test"] += [(label, p) for p in paths[:n_test]]
         chosen["train"] += [(label, p) for p in paths[n_test:]]
     files = []
