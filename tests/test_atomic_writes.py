@@ -71,3 +71,17 @@ def test_a_run_and_its_export_never_follow_planted_links(shards, tmp_path):
     plant(run_dir / "model.onnx", os.getpid(), victim)
     assert fexport.main([str(run_dir), "--format", "onnx"]) == 0
     assert_untouched(victim, run_dir / "model.onnx")
+
+
+def test_the_experiments_plot_never_follows_a_planted_link(tmp_path):
+    """The report's PNG went through the fixed name test_acc.png.tmp.png."""
+    pytest.importorskip("matplotlib")
+    from experiments.report import plot
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "test_acc.png"
+    (tmp_path / "test_acc.png.tmp.png").symlink_to(victim)
+    plot({"data": "shards", "variants": []}, target)
+    assert_untouched(victim, target)
+    assert target.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_acc.png", "test_acc.png.tmp.png", "victim.txt"]
