@@ -116,39 +116,80 @@ def shard_contents(url: str, expected: int, num_classes: int) -> str | None:
     Returns the first problem as one line naming the shard and the sample, or None."""
     count = 0
     try:
-        with tarfile.open(url, "r:") as tar:
-            for key, members in itertools.groupby(_tar_entries(tar), key=lambda e: e[0]):
+        with open(url, "rb") as f:
+            for key, members in itertools.groupby(_tar_entries(f), key=lambda e: e[0]):
                 count += 1
-                problem = _sample_problem(tar, dict((suffix, m) for _, suffix, m in members), num_classes)
+                problem = _sample_problem(f, {suffix: where for _, suffix, where in members}, num_classes)
                 if problem:
                     return f"shard {url}: sample {key!r} {problem}"
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
         return f"shard {url}: unreadable tar ({e})"
     if count != expected:
         return f"shard {url} holds {count} samples, its manifest says {expected}"
     return None
 
 
-def _tar_entries(tar: tarfile.TarFile):
-    """(key, suffix, member) of the regular files of a tar, keyed like webdataset's base_plus_ext."""
-    for member in tar:
-        if not member.isreg() or _META.match(member.name):
-            continue
-        match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member.name)
+def _tar_entries(f):
+    """(key, suffix, (data offset, size)) of the regular files of a tar, keyed like webdataset's base_plus_ext."""
+    for name, where in _tar_index(f):
+        match = None if _META.match(name) else re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
         if match:
-            yield match.group(1), match.group(2).lower(), member
+            yield match.group(1), match.group(2).lower(), where
+
+
+def _tar_index(f) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (data offset, size)) of every regular file of a tar, in order. Plain ustar headers (what
+    data_prep writes) are parsed here, several times cheaper than tarfile's reader (which was ~130 us per
+    member, minutes for a million-sample set); any other header (pax, GNU long names, base-256 sizes)
+    sends the whole file through tarfile."""
+    index, pos = [], 0
+    while True:
+        f.seek(pos)
+        header = f.read(512)
+        if len(header) < 512 or not header.strip(b"\0"):        # the end-of-archive block
+            return index
+        parsed = _ustar(header)
+        if parsed is None:
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                return [(m.name, (m.offset_data, m.size)) for m in tar if m.isreg()]
+        name, size, regular = parsed
+        if regular:
+            index.append((name, (pos + 512, size)))
+        pos += 512 + -(-size // 512) * 512
+
+
+def _ustar(header: bytes) -> tuple[str, int, bool] | None:
+    """(name, size, is a regular file) of a plain tar header; None for anything _tar_index leaves to tarfile;
+    a TarError for a damaged header (its checksum is wrong)."""
+    if header[156:157] not in (b"0", b"\0", b"5") or header[124] & 0x80:
+        return None
+    try:
+        checksum, size = int(header[148:156].strip(b"\0 "), 8), int(header[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+        raise tarfile.ReadError("a tar header's checksum is wrong")
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode(), size, header[156:157] != b"5"
 
 
 _NOT_JPEG = {b"\x89PNG": "a PNG", b"GIF8": "a GIF", b"RIFF": "a RIFF (WebP?)", b"BM": "a BMP"}
 
 
-def _sample_problem(tar: tarfile.TarFile, entries: dict, num_classes: int) -> str | None:
+def _read(f, where: tuple[int, int], n: int) -> bytes:
+    f.seek(where[0])
+    return f.read(min(n, where[1]))
+
+
+def _sample_problem(f, entries: dict, num_classes: int) -> str | None:
     if "jpg" not in entries or "cls" not in entries:
         return f"has {sorted(entries)}, not both 'jpg' and 'cls'"
-    label = tar.extractfile(entries["cls"]).read(32)
+    label = _read(f, entries["cls"], 32)
     if not label.strip().isdigit() or int(label) >= num_classes:
         return f"has label {label[:16]!r}, but the manifest has {num_classes} classes (0..{num_classes - 1})"
-    head = tar.extractfile(entries["jpg"]).read(4)
+    head = _read(f, entries["jpg"], 4)
     if head[:2] != b"\xff\xd8":
         kind = next((what for magic, what in _NOT_JPEG.items() if head.startswith(magic)), "not JPEG data")
         return f"has an image that is {kind}, not a JPEG (starts with {head!r})"

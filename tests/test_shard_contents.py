@@ -102,3 +102,23 @@ def test_a_bad_sample_met_while_streaming_is_one_line_from_a_worker(shards, tmp_
     assert str(exc.value) == (f"shard {folder / shard}: sample {key!r} has no image or a bad label (b'5'; "
                               f"2 classes); re-run data_prep")
     assert torch.utils.data.get_worker_info() is None
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_index_matches_tarfile_whatever_the_header_kinds(tmp_path, fmt):
+    """shard_contents parses plain ustar headers itself (cheaper) and leaves any other kind to tarfile: a
+    long key (> 100 bytes: a GNU or pax extension header) or a non-ASCII one must come out the same."""
+    from finetune.data import _tar_index
+    names = ["a/short.jpg", "a/short.cls", "x" * 60 + "/" + "y" * 70 + ".jpg", "d/é.cls"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = names[:2] + ["p" * 90 + "/" + "q" * 60 + ".jpg"]     # ustar's own prefix field
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 3
+            tar.addfile(info, io.BytesIO(b"z" * info.size))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, (m.offset_data, m.size)) for m in tar if m.isreg()]
+    with open(path, "rb") as f:
+        assert _tar_index(f) == expected and [n for n, _ in expected] == names
