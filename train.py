@@ -38,6 +38,7 @@ from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
 from finetune.monitor import Monitor
 from finetune.remote import stage_data
+from finetune.tracker_checks import check_trackers
 from finetune.trackers import parse_log_with
 
 
@@ -87,6 +88,8 @@ class Job:
 
 def set_up(cfg: Config) -> Job:
     accelerator = distributed.setup(cfg)
+    # Tracker settings and trackers.json, on every rank (all stop alike), before any data or model work.
+    check_trackers(parse_log_with(cfg.log_with), cfg.run_dir(), print if accelerator.is_main_process else None)
     world = accelerator.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "

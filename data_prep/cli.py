@@ -7,7 +7,10 @@ Without a subcommand, the arguments are those of ``prepare``. User errors print 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from . import shards, synthetic
 from .errors import UsageError, cli_main
@@ -67,10 +70,34 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv.insert(0, "prepare")
     try:
-        return cli_main("data_prep", lambda: _run(argv))
+        with _sigterm_unwinds():
+            return cli_main("data_prep", lambda: _run(argv))
     except KeyboardInterrupt:
         print("data_prep: interrupted; no output was left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("data_prep: stopped by SIGTERM; the decode workers were stopped and no output was left behind",
+              file=sys.stderr)
+        return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM (Slurm's, `timeout`'s, `kill`'s), raised in the main thread so that the decode pool is shut
+    down and the temporary output removed on the way out; by default SIGTERM ends the process at once."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    def terminated(signum, frame):
+        raise Terminated()
+    if threading.current_thread() is not threading.main_thread():
+        yield                    # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: list[str]) -> int:

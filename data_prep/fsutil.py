@@ -1,4 +1,10 @@
-"""Small filesystem helpers shared by `prepare` and `synthetic`.
+"""Small filesystem helpers shared by `prepare` and `synthetic`, and the project's one way to replace a
+file atomically (`atomic_open`, `atomic_write_text`, `new_temp_file`, `atomic_link`: used by finetune,
+predict/export and experiments too, since data_prep is the bottom of the import graph).
+
+Every temporary name is created exclusively (mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW) under an unpredictable
+name in the target's own folder: a link planted at a guessable name (`.config.yaml.tmp-<pid>`) can neither
+redirect the write to another file nor end up as the target.
 
 Both write a whole directory that should appear complete or not at all: the contents are built in a
 hidden sibling directory (same filesystem, so the final `rename` is atomic) and moved into place at
@@ -9,11 +15,14 @@ the end. A crash or an error leaves, at worst, a hidden `.NAME.tmp-PID` folder, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
+import secrets
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +31,74 @@ from .errors import UsageError
 # Inside a temporary folder while it is being written: the host that writes it (removed before the
 # final rename). A stale folder is only removed by a run on that same host, where its PID means something.
 _OWNER = ".data_prep-owner"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files, mkdtemp 0700 folders; what they become (config.yaml, model.pt, a shard folder)
+# gets the permissions a plain open()/mkdir would have given. Read once at import, before any thread starts.
+_UMASK = _read_umask()
+
+
+def _mkstemp(target: Path) -> tuple[int, Path]:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, Path(name)
+
+
+def new_temp_file(target: str | os.PathLike) -> Path:
+    """A new empty regular file next to `target`, created exclusively under an unpredictable name, for a
+    writer that wants a path (torch.onnx.export, savefig); the caller renames it onto `target` with
+    os.replace, or unlinks it."""
+    fd, path = _mkstemp(Path(target))
+    os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Write `target` so that readers (and crashes) see the old or the complete new content, never half:
+    a fresh temporary file (see the module's doc), fsync'ed, renamed onto `target`. On any exception (disk
+    full, Ctrl-C) the temporary file is removed and `target` is left as it was."""
+    target = Path(target)
+    fd, tmp = _mkstemp(target)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    with atomic_open(target, "w") as fh:
+        fh.write(text)
+
+
+def atomic_link(source: Path, target: Path) -> None:
+    """Make `target` a hard link of `source`, atomically: link under an unpredictable name (a link never
+    follows or overwrites an existing name), then rename."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(8)}")
+        try:
+            os.link(source, tmp)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {target}")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def output_target(out: Path, flag: str = "--out") -> Path:
@@ -49,28 +126,36 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `out` when the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and `out`
-    is left exactly as it was.
+    is left exactly as it was; a full disk or quota is then a UsageError (one line) saying so.
     """
-    out = output_target(out)
+    given, out = out, output_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed run with a recycled pid
-    tmp.mkdir()
+    # Unpredictable and exclusive (mkdtemp), still ending in -PID for _remove_stale.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", suffix=f"-{os.getpid()}", dir=out.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     (tmp / _OWNER).write_text(socket.gethostname() + "\n")
     try:
         yield tmp
         (tmp / _OWNER).unlink()
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UsageError(f"{given}: the disk is full ({e.strerror}, writing {e.filename or 'the output'}); the "
+                             f"temporary folder was removed and {given} is unchanged: free space or write "
+                             f"elsewhere") from None
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         # Two renames instead of rmtree-then-rename: `out` is never missing for longer than
-        # the gap between them, and never half-deleted.
+        # the gap between them, and never half-deleted. `old` is a fresh empty folder (mkdtemp), which
+        # rename replaces: never a name someone else prepared.
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.rename(old)
+    else:
+        old = None
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(out: Path) -> None:

@@ -29,7 +29,8 @@ OPTIONAL_SPLITS = ("val",)      # --val-fraction; manifests without it are valid
 _CHUNK = 1 << 20
 # What shards.shard_name writes, and a little more (other tools may use other digits or split names):
 # letters, digits, '-', '_' and '.', ending in .tar, not starting with '.'. No '/', ':' or '..'.
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+# fullmatch, not `$`: `$` also matches before a trailing newline ("train-000000.tar\n").
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")
 
 
 def file_digests(path: Path, *algorithms: str) -> dict[str, str]:
@@ -48,7 +49,7 @@ def file_sha256(path: Path) -> str:
 
 def shard_path(root: Path, name: str) -> Path:
     """`root / name` for a shard name data_prep could have written; ValueError for any other name."""
-    if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"shard name {name!r} is not a plain NAME.tar file name in the manifest's folder")
     return Path(root) / name
 

@@ -21,8 +21,10 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 from collections import defaultdict, deque
@@ -242,7 +244,8 @@ def _encode_in_order(paths: list[Path], encode: EncodeOptions, workers: int, pro
         yield from (encode_file(p, encode) for p in tqdm(paths, **bar))
         return
     chunks = iter([paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)])
-    pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(min(workers, len(paths)), mp_context=multiprocessing.get_context("fork"),
+                               initializer=_worker_start, initargs=(os.getpid(),))
     pending: deque = deque()
 
     def submit() -> None:
@@ -252,9 +255,15 @@ def _encode_in_order(paths: list[Path], encode: EncodeOptions, workers: int, pro
 
     try:
         # The first submissions fork every worker, before tqdm starts its monitor thread
-        # (forking after threads is fragile).
-        for _ in range(_IN_FLIGHT * workers):
-            submit()
+        # (forking after threads is fragile), with SIGTERM held: cli's handler would otherwise run in fork's
+        # at-fork hooks, where its exception is ignored (the run went on). The executor's threads, started
+        # here, inherit the held mask, so a later SIGTERM reaches the main thread.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            for _ in range(_IN_FLIGHT * workers):
+                submit()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         with tqdm(**bar) as progress_bar:
             while pending:
                 chunk, future = pending.popleft()
@@ -271,6 +280,20 @@ def _encode_in_order(paths: list[Path], encode: EncodeOptions, workers: int, pro
                 yield from results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_start(parent: int) -> None:
+    """Decode workers exit with the main process, however it ends: SIGTERM kills a worker outright (not the
+    main process's handler, inherited by fork, which would make the worker report it as a task's error and
+    go on), and on Linux the kernel kills a worker whose parent died (PR_SET_PDEATHSIG), e.g. by SIGKILL;
+    before, such workers stayed blocked on their task queue forever, holding the terminal's stdout."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})      # held while the pool forked
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:       # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _find_duplicates(records: list[_Record], drop: bool) -> tuple[list[dict], set[str]]:

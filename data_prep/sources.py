@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from tqdm import tqdm
 
 from .errors import UsageError
+from .fsutil import new_temp_file
 from .manifest import file_digests
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
@@ -84,7 +85,7 @@ def resolve(source: str, cache_dir: str | Path | None = None, progress: bool = F
 def fetch_d2l(cache_dir: Path, *, progress: bool = False) -> Path:
     """Return the path of a verified hotdog.zip in `cache_dir`, downloading it if needed.
 
-    The download streams to ``hotdog.zip.part`` and is renamed only after the sha1 matches, so an
+    The download streams to a fresh ``.hotdog.zip.tmp-XXXXXXXX`` next to it and is renamed only after the sha1 matches, so an
     interrupted or corrupt download never passes for the real file.
     """
     url = os.environ.get(URL_ENV) or D2L_URL
@@ -94,7 +95,7 @@ def fetch_d2l(cache_dir: Path, *, progress: bool = False) -> Path:
             return target
         target.unlink()  # a stale or damaged copy: fetch it again
     cache_dir.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
+    part = new_temp_file(target)    # exclusive, unpredictable: never a planted link
     by_hand = f"fetch {D2L_URL} by hand and pass --source /path/to/hotdog.zip"
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
@@ -394,7 +395,10 @@ def _scan_class_folders(root: Path, test_fraction: float, seed: int) -> Layout:
         skipped += bad
         paths.sort(key=lambda p: hashlib.sha256(f"{seed}:{p.relative_to(root).as_posix()}".encode()).digest())
         n = len(paths)
-        n_test = min(max(round(n * test_fraction), 1), n - 1) if n >= 2 else 0
+        if n < 2:       # else one split gets none of the class, reported later as "no readable image"
+            raise UsageError(f"--test-fraction {test_fraction:g}: class {name} has {n} image file(s) in "
+                             f"{root / name}; splitting needs at least 2 per class (one for test): add images")
+        n_test = min(max(round(n * test_fraction), 1), n - 1)
         chosen["test"] += [(label, p) for p in paths[:n_test]]
         chosen["train"] += [(label, p) for p in paths[n_test:]]
     files = []

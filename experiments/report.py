@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from data_prep.fsutil import new_temp_file
 from finetune import atomic_write_text
 
 from . import D2L_REFERENCE
@@ -144,10 +145,13 @@ def plot(results: dict, path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no completed epochs", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = new_temp_file(path)       # exclusive: never a planted link
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def write_all(results: dict, out: Path) -> None:

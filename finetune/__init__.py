@@ -1,20 +1,14 @@
 """Library code behind train.py: one module per concern (config, data, model, loop, checkpoint, monitor)."""
 
 import os
-from pathlib import Path
 
 # The project's one usage-error type and exit-2 path live in data_prep (which must not import finetune);
 # the library re-exports them so its users need only `from finetune import UsageError, cli_main`.
 from data_prep.errors import UsageError, cli_main
+# The one atomic write (an exclusive, unpredictable temporary name: no planted symlink is followed).
+from data_prep.fsutil import atomic_write_text
 
 __version__ = "0.1.0"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers (and crashes) see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def simulated_delay(variable: str) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep.fsutil import atomic_link, atomic_open
+
 from . import UsageError, distributed, simulated_delay
 from .config import parse_signals
 
@@ -272,16 +274,8 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: Path) -> None:
     """Write to a temporary name in the same directory, fsync, then rename: a reader (or a crash) sees
     either the old file or the complete new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:           # disk full, quota, Ctrl-C: no partial file left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:   # disk full, quota, Ctrl-C: no partial file left behind
+        torch.save(obj, fh)
 
 
 def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool, log=print) -> Path:
@@ -290,9 +284,7 @@ def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool, log=print) 
     path = ckpt_dir / f"ckpt-{state['step']:08d}.pt"
     atomic_save(state, path)
     if is_best:
-        tmp = ckpt_dir / f".best.pt.tmp-{os.getpid()}"
-        os.link(path, tmp)          # a hard link: best.pt survives the pruning of its ckpt-*.pt name
-        os.replace(tmp, ckpt_dir / "best.pt")
+        atomic_link(path, ckpt_dir / "best.pt")   # a hard link: best.pt survives the pruning of its ckpt-*.pt name
     prune(ckpt_dir, path, keep_last, log)
     return path
 

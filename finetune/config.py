@@ -239,17 +239,40 @@ def _from_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
         name = str(key).replace("-", "_")
         if name not in known:
             parser.error(f"--config {path}: unknown option '{key}'")
-        f = known[name]
-        # Re-use the flag's own validation so a YAML value is checked exactly like a command-line one.
-        if value is not None and f.type not in ("bool", bool):
-            try:
-                value = (f.metadata["type"] or str)(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as e:
-                parser.error(f"--config {path}: {key}: {e}")
-            if f.metadata["choices"] and value not in f.metadata["choices"]:
-                parser.error(f"--config {path}: {key}: choose from {', '.join(f.metadata['choices'])}")
-        values[name] = value
+        if value is None:       # `key:` with no value: the default, as if the key were absent
+            continue
+        try:
+            values[name] = _typed(known[name], value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            parser.error(f"--config {path}: {key}: {e}")
     return values
+
+
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _typed(f: dataclasses.Field, value):
+    """A YAML value checked against its field's type, then by the flag's own validation (so it is checked
+    exactly like a command-line one). ValueError naming what was expected: YAML reads `no`, `off` and `1.5`
+    as a bool or a float, and a string "false" is not false."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          # PyYAML reads 5e-5 (no dot) as a string: a float field takes any string float() accepts
+          "float": isinstance(value, (int, float, str)) and not isinstance(value, bool),
+          "str": isinstance(value, str)}[kind]
+    if not ok:
+        hint = ("; YAML reads unquoted yes/no/on/off/true/false as a bool: quote the value"
+                if isinstance(value, bool) and kind == "str" else "")
+        shown = "a list (write one comma-separated string)" if isinstance(value, list) else \
+            f"{value!r} ({type(value).__name__})"
+        raise ValueError(f"expected {_KINDS[kind]}, got {shown}{hint}")
+    if kind == "bool":
+        return value
+    value = (f.metadata["type"] or str)(str(value))
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise ValueError(f"choose from {', '.join(f.metadata['choices'])}")
+    return value
 
 
 def parse_config(argv: list[str] | None = None) -> Config:

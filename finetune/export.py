@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.fsutil import new_temp_file
+
 from . import UsageError, cli_main
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -294,7 +296,7 @@ def export_run(args) -> int:
     target = run_dir / FORMATS[args.format]
     if args.check_only and not target.is_file():
         raise UsageError(f"--check-only: {target} does not exist (export it first)")
-    path = target if args.check_only else target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    path = target if args.check_only else new_temp_file(target)    # exclusive: never a planted link
     try:
         if not args.check_only:
             export(run.model, metadata(run.saved, args.ema, run.expected_acc, run.tta), path, args.format)

@@ -370,3 +370,77 @@ def test_byte_identical_whatever_the_listing_order(src, tmp_path, monkeypatch):
     prepare(src, tmp_path / "b", samples_per_shard=3, workers=1, log=lambda _: None)
     assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
     assert (tmp_path / "a/manifest.json").read_text() == (tmp_path / "b/manifest.json").read_text()
+
+
+# --------------------------------------------------------------------------- issue 20, item 14
+
+def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(out, split, *args):
+        (out / f"{split}-000000.tar").write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / f"{split}-000000.tar"))
+    monkeypatch.setattr(prepare_module.shards, "write_split", full)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "--source", src, "--out", out, "--workers", 1)
+    assert_user_error(code, err, f"{out}: the disk is full (No space left on device, writing ",
+                      "the temporary folder was removed", "free space")
+    assert_nothing_written(out)
+
+
+def _children_once_started(proc, count: int, timeout=60):
+    import psutil
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if len(children) >= count:
+            return children
+        time.sleep(0.01)
+    raise AssertionError(f"data_prep did not start {count} decode workers")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_the_decode_workers_exit_with_the_main_process(tmp_path, sig):
+    """Before, SIGTERM (or SIGKILL) to the main process left its decode workers blocked forever."""
+    psutil = pytest.importorskip("psutil")
+    source = make_synthetic(tmp_path / "big", train_per_class=100, test_per_class=10, min_side=500, max_side=700)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", str(source), "--out", str(out),
+                             "--workers", "2", "--no-progress"], cwd=Path(__file__).resolve().parents[1],
+                            stderr=subprocess.PIPE, text=True)
+    children = _children_once_started(proc, 2)
+    try:
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], alive
+    finally:
+        for child in children:          # the workers this test started, if they survived (before the fix)
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, err[-3000:]
+        assert err.strip().splitlines() == ["data_prep: stopped by SIGTERM; the decode workers were stopped and "
+                                            "no output was left behind"]
+        assert_nothing_written(out)
+
+
+def test_test_fraction_with_a_one_image_class_names_it(tmp_path, capsys):
+    source = tmp_path / "classes"
+    make_synthetic(tmp_path / "syn", train_per_class=4, test_per_class=1, min_side=24, max_side=32)
+    shutil.copytree(tmp_path / "syn" / "train" / "hotdog", source / "hotdog")
+    shutil.copytree(tmp_path / "syn" / "test" / "not-hotdog", source / "not-hotdog")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "--source", source, "--out", out, "--test-fraction", 0.25)
+    assert_user_error(code, err, "--test-fraction 0.25: class not-hotdog has 1 image file(s)",
+                      "at least 2 per class")
+    assert_nothing_written(out)
+
+
+def test_a_shard_name_with_a_trailing_newline_is_refused(tmp_path):
+    from data_prep.manifest import shard_path
+    assert shard_path(tmp_path, "train-000000.tar") == tmp_path / "train-000000.tar"
+    with pytest.raises(ValueError, match="is not a plain NAME.tar"):
+        shard_path(tmp_path, "train-000000.tar\n")
