@@ -52,7 +52,7 @@ def load_model(path: str, device: torch.device, trusted: bool = False):
     from finetune.export import Exported, detect_format
     from finetune.model import load_trained
     if os.path.isfile(path) and detect_format(path) != "model.pt":
-        exported = Exported(path)
+        exported = Exported(path, trusted)
         return exported, list(exported.meta["classes"]), dict(exported.meta["preprocess"])
     model, saved = load_trained(path, flag="--model")
     model.to(device)
