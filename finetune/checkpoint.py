@@ -196,7 +196,7 @@ class Checkpointer:
 
     def _load_into(self, saved: dict, log) -> TrainState:
         acc, world, rank = self.accelerator, self.accelerator.num_processes, self.accelerator.process_index
-        recipe = [group["initial_lr"] for group in self.optimizer.param_groups]    # this run's --lr, per group
+        recipe = [group.get("initial_lr") for group in self.optimizer.param_groups]   # this run's --lr, per group
         try:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -206,7 +206,8 @@ class Checkpointer:
         # with another --lr (or --head-lr-mult) would go on at the old one. This run's lr applies from here on,
         # as check_compatible's warning says; the schedule's position (the step) comes from the checkpoint.
         for group, lr in zip(self.optimizer.param_groups, recipe):
-            group["initial_lr"] = lr
+            if lr is not None:              # (model.param_groups sets it; a bare optimizer has none)
+                group["initial_lr"] = lr
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and saved.get("ema") is not None:
