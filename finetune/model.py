@@ -189,7 +189,8 @@ def load_trained(path: str, *, flag: str = "--model", ema: bool = False) -> tupl
     loads the EMA weights (train.py --ema-decay) instead of the raw ones. Problems (every field is checked
     before use: trained_fields_problem) are one-line UsageErrors naming `flag` and `path`."""
     saved = _load_model_pt(path, flag)
-    if ema and not saved.get("ema_state_dict"):
+    kept = saved.get("ema_state_dict")
+    if ema and (kept is None or (isinstance(kept, dict) and not kept)):
         raise UsageError(f"{flag} {path}: --ema, but this run kept no EMA weights (train.py --ema-decay D keeps them)")
     problem = trained_fields_problem(saved, ema)
     if problem:
