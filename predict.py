@@ -4,6 +4,7 @@
     python predict.py --model runs/hotdog-resnet18/model.pt --top-k 2 --json photos/ > predictions.jsonl
     python predict.py --model runs/hotdog-resnet18/model.pt --score ../shared/data/hotdog-mini/test
     python predict.py --model runs/hotdog-resnet18/model.onnx photo.jpg     # python -m finetune.export's file
+    python predict.py --model runs/hotdog-resnet18/model.pt2 --trust-model photo.jpg     # its torch.export file
 
 Folders are searched recursively for .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case); files named on the
 command line are tried whatever their extension. Output, one line per image, in input order:
@@ -12,11 +13,14 @@ command line are tried whatever their extension. Output, one line per image, in 
     {"path": ..., "label": ..., "probability": ..., "top": [{"label": ..., "probability": ...}, ...]}   (--json)
 
 The eval preprocessing is the one model.pt records (`preprocess`: resize to [H, W], centre crop, normalise with
-mean/std), i.e. what train.py evaluated with; an exported model.onnx / model.ts carries the same spec in its
-metadata and runs on the CPU with onnxruntime / torch.jit. Images are read as data_prep reads them
-(data_prep.images: the same pixel limit, 16-bit and float images scaled to 8 bits, transparency onto white). An
-image that cannot be read, or is over the pixel limit, is reported on stderr in one line naming the file, and
-the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
+mean/std), i.e. what train.py evaluated with; every field of model.pt is checked before use. An exported
+model.onnx / model.pt2 carries the same spec in its metadata and runs on the CPU with onnxruntime /
+torch.export; a .pt2 only with --trust-model (loading one can run code stored in it). Images are read as
+data_prep reads them (data_prep.images: the same pixel limit, 16-bit and float images scaled to 8 bits,
+transparency onto white), and an image whose decoding would need more memory than an 8-bit RGB image at the
+pixel limit (a 16-bit one costs several times more per pixel) is refused from its header. An image that
+cannot be read, is not a regular file, or is over either limit, is reported on stderr in one line naming the
+file, and the others are still labelled. Exit codes: 0 every image labelled, 1 some could not be read (or a
 path does not exist), 2 usage error (no/unloadable model file, no images found, --device cuda without a GPU).
 """
 
@@ -39,15 +43,16 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 # ------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------
-def load_model(path: str, device: torch.device):
-    """model.pt, or a file written by `python -m finetune.export` (.onnx / .ts, told apart by extension, else by
-    content) -> (model in eval mode, classes, preprocess spec). model.pt: the architecture it names (train.py
+def load_model(path: str, device: torch.device, trusted: bool = False):
+    """model.pt, or a file written by `python -m finetune.export` (.onnx / .pt2, told apart by extension, else
+    by content) -> (model in eval mode, classes, preprocess spec). model.pt: the architecture it names (train.py
     --arch), built without weights, its head sized to the classes, on `device`. An exported file runs with its
-    own runtime on the CPU (onnxruntime / torch.jit); classes and preprocessing come from its metadata."""
+    own runtime on the CPU (onnxruntime / torch.export; a .pt2 only when `trusted`); classes and preprocessing
+    come from its metadata."""
     from finetune.export import Exported, detect_format
     from finetune.model import load_trained
     if os.path.isfile(path) and detect_format(path) != "model.pt":
-        exported = Exported(path)
+        exported = Exported(path, trusted)
         return exported, list(exported.meta["classes"]), dict(exported.meta["preprocess"])
     model, saved = load_trained(path, flag="--model")
     model.to(device)
@@ -69,8 +74,8 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             if not found:
                 problems.append((p, f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder"))
             images += found
-        elif path.is_file():
-            images.append(path)
+        elif path.exists():
+            images.append(path)           # read_image refuses a FIFO or device with its kind, never blocking
         else:
             problems.append((p, "no such file or folder"))
     return images, problems
@@ -89,6 +94,7 @@ def read_image(path: Path) -> torch.Tensor:
     data = read_regular_file(path)
     if not data:
         raise ValueError("empty file")
+    check_decode_memory(data)
     im = open_image(data)                           # ImageRejected (a ValueError): not an image, too large...
     if im.format == "JPEG" and im.mode in ("RGB", "L"):
         try:
@@ -97,6 +103,43 @@ def read_image(path: Path) -> torch.Tensor:
             pass                                    # libjpeg refuses what Pillow read: use Pillow's pixels
     arr = np.asarray(to_rgb(im))                    # an animated GIF: its first frame
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# Peak bytes per pixel that read_image holds while decoding an image of each Pillow mode: Pillow's buffer,
+# to_rgb's 8-bit RGB copy, the numpy and torch copies; one-channel high-bit-depth modes also pass through
+# float64 temporaries in data_prep.images. Measured (peak RSS, 3000 x 3000 PNG / TIFF): L 12.4, RGB 17.4,
+# RGBA 18.4, I;16 30.1, F 36.4; rounded up here. The 13000 x 13000 16-bit PNG of issue 20 peaked at 5.4 GB.
+_BYTES_PER_PIXEL = {13: ("1", "L", "P"), 31: ("I;16", "I;16L", "I;16B", "I;16N"), 37: ("I", "F")}
+DECODE_BYTES_PER_PIXEL = {mode: cost for cost, modes in _BYTES_PER_PIXEL.items() for mode in modes}
+MULTI_CHANNEL_COST = 19        # every other mode (RGB, RGBA, LA, CMYK, YCbCr...): 4 bytes a pixel in Pillow
+
+
+def decode_memory_limit() -> int:
+    """What the largest image data_prep's pixel limit lets through costs as 8-bit RGB: no image may cost more."""
+    from data_prep.images import MAX_PIXELS
+    return MAX_PIXELS * MULTI_CHANNEL_COST
+
+
+def check_decode_memory(data: bytes) -> None:
+    """Refuse (ValueError, one line) an image whose decoding would hold more than decode_memory_limit() bytes:
+    the size and mode come from the header alone (Image.open reads no pixel), so nothing big is allocated."""
+    import io
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():      # Pillow's warning above 89 MP: this check and open_image decide
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                (width, height), mode = im.size, im.mode
+    except Exception:  # noqa: BLE001 -- not an image, a bomb Pillow refuses...: open_image says which
+        return
+    from data_prep.images import MAX_PIXELS
+    need, limit = width * height * DECODE_BYTES_PER_PIXEL.get(mode, MULTI_CHANNEL_COST), decode_memory_limit()
+    if need > limit and width * height <= MAX_PIXELS:         # over the pixel limit: open_image says so
+        raise ValueError(f"image too large to decode: {width} x {height} in mode {mode} would take about "
+                         f"{need / 2**30:.1f} GiB (the limit is {limit / 2**30:.1f} GiB, an 8-bit RGB image at "
+                         f"the pixel limit); downsize it or convert it to 8 bits first")
 
 
 def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -155,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "2 usage error.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
     p.add_argument("--model", required=True,
-                   help="a run's model.pt (written by train.py), or its model.onnx / model.ts (finetune.export)")
+                   help="a run's model.pt (written by train.py), or its model.onnx / model.pt2 (finetune.export)")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow a .pt2 --model: loading one (torch.export.load) can run code stored in the file, "
+                        "so only for a file you exported yourself")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--top-k", type=int, default=1, help="print the K most likely labels (default: 1)")
@@ -182,7 +228,7 @@ def label_images(args) -> int:
         print(f"predict.py: cannot read {path}: {reason}", file=sys.stderr, flush=True)
 
     device = pick_device(args.device)
-    model, classes, spec = load_model(args.model, device)
+    model, classes, spec = load_model(args.model, device, args.trust_model)
     if not isinstance(model, torch.nn.Module):
         device = torch.device("cpu")     # an exported file (finetune.export) runs on the CPU
     images, problems = find_images(args.paths)

@@ -198,11 +198,18 @@ class Checkpointer:
 
     def _load_into(self, saved: dict, log) -> TrainState:
         acc, world, rank = self.accelerator, self.accelerator.num_processes, self.accelerator.process_index
+        recipe = [group.get("initial_lr") for group in self.optimizer.param_groups]   # this run's --lr, per group
         try:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"the checkpoint does not fit this model ({str(e).splitlines()[0][:160]})") from None
+        # load_state_dict brings back the checkpoint's initial_lr, which set_lr scales at every step: a resume
+        # with another --lr (or --head-lr-mult) would go on at the old one. This run's lr applies from here on,
+        # as check_compatible's warning says; the schedule's position (the step) comes from the checkpoint.
+        for group, lr in zip(self.optimizer.param_groups, recipe):
+            if lr is not None:              # (model.param_groups sets it; a bare optimizer has none)
+                group["initial_lr"] = lr
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None and saved.get("ema") is not None:

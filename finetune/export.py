@@ -1,23 +1,29 @@
 """Export a finished run's model.pt to one self-contained file, then prove that the file alone reproduces it.
 
     python -m finetune.export runs/hotdog-resnet18 --format onnx             # -> RUN_DIR/model.onnx
-    python -m finetune.export runs/hotdog-resnet18 --format torchscript      # -> RUN_DIR/model.ts
+    python -m finetune.export runs/hotdog-resnet18 --format pt2              # -> RUN_DIR/model.pt2 (torch.export)
     python -m finetune.export runs/hotdog-resnet18 --format onnx --ema       # the EMA weights (--ema-decay)
     python -m finetune.export runs/hotdog-resnet18 --format onnx --check-only   # re-check an existing file
 
-The file maps float32 images [N, 3, H, W], normalised with the embedded mean/std, to logits [N, classes]
-(any N). Embedded, each value JSON (ONNX: metadata_props; TorchScript: the _extra_files entry 'metadata.json'):
-classes, preprocess (resize, crop, interpolation, mean, std: model.pt's), arch, weights ("raw" or "ema"), tta
-(what the run evaluated with) and test_acc. `python predict.py --model FILE` reads them.
+Both formats come from the pinned torch's supported exporters: ONNX from `torch.onnx.export(dynamo=True)`
+(needs onnxscript), .pt2 an ExportedProgram from `torch.export.export` + `torch.export.save` (TorchScript,
+torch.jit.trace/save/load, is deprecated in torch 2.14 and no longer written). The file maps float32 images
+[N, 3, H, W] (H, W: the crop; any N), normalised with the embedded mean/std, to logits [N, classes].
+Embedded, each value JSON (ONNX: metadata_props; .pt2: the extra file 'metadata.json'): classes, preprocess
+(resize, crop, interpolation, mean, std: model.pt's), arch, weights ("raw" or "ema"), tta (what the run
+evaluated with) and test_acc. `python predict.py --model FILE` reads them. Loading a .pt2 can run code from
+the file (torch.export.load unpickles parts of it), so it is loaded only when trusted: the file this command
+just wrote, or --trust-model.
 
 Parity check: the run's test shards (config.yaml's --data, or --data DIR; --eval-limit as in the run) are cut
 into uint8 crops with finetune.data's EvalStream and the EMBEDDED preprocessing, normalised with the embedded
-mean/std in numpy and scored by the exported file alone (onnxruntime / torch.jit.load). It passes when the
+mean/std in numpy and scored by the exported file alone (onnxruntime / torch.export.load). It passes when the
 accuracy equals metrics.json's final (chosen) test accuracy for those weights and every probability is within
 1e-4 of model.pt's (the PyTorch model, same crops). The new file is written under a temporary name and only
-renamed to model.onnx / model.ts when it passes. Exit codes: 0 written (or checked) and parity holds; 1 parity
+renamed to model.onnx / model.pt2 when it passes. Exit codes: 0 written (or checked) and parity holds; 1 parity
 failed (one line saying how; no file written, and --check-only leaves the file alone); 2 usage error (no
-finished run or test shards, an architecture the format cannot export, --ema without EMA weights).
+finished run or test shards, a damaged model.pt / config.yaml / metrics.json field, an architecture the format
+cannot export, --ema without EMA weights).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import itertools
 import json
 import os
 import sys
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,26 +44,30 @@ from data_prep.fsutil import new_temp_file
 
 from . import UsageError, cli_main
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-META_FILE = "metadata.json"                          # TorchScript _extra_files entry
+FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+META_FILE = "metadata.json"                          # the .pt2's extra file (torch.export.save extra_files)
 META_KEYS = ("classes", "preprocess", "arch", "weights", "tta", "test_acc")
 ATOL = 1e-4                                          # probabilities: exported vs model.pt
+TRUST_HINT = ("loading a .pt2 runs torch.export.load, which can run code stored in the file: pass --trust-model "
+              "only for a file you exported yourself, or use the run's model.onnx")
 
 
 # ------------------------------------------------------------------------------------------------------
 # Reading an exported file: its own runtime only (no project model code)
 # ------------------------------------------------------------------------------------------------------
 def detect_format(path: str | os.PathLike) -> str:
-    """'onnx', 'torchscript' or 'model.pt' (torch.save), by extension first, then by content: TorchScript
-    and torch.save files are both zip archives, but only TorchScript ones hold code/ and constants.pkl."""
+    """'onnx', 'pt2', 'torchscript' or 'model.pt' (torch.save), by extension first, then by content: .pt2,
+    TorchScript and torch.save files are all zip archives; a .pt2 holds archive_format, TorchScript code/."""
     suffix = Path(path).suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
+    if suffix in (".onnx", ".pt2"):
+        return suffix[1:]
     if suffix in (".ts", ".torchscript"):
         return "torchscript"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
+        if any(n.endswith("/archive_format") for n in names):
+            return "pt2"
         return "torchscript" if any(n.endswith("/constants.pkl") or "/code/" in n for n in names) else "model.pt"
     try:                                              # an ONNX protobuf without the .onnx name?
         import onnx
@@ -68,36 +77,67 @@ def detect_format(path: str | os.PathLike) -> str:
         return "model.pt"
 
 
-class Exported:
-    """An exported model file, run with onnxruntime or torch.jit only. `meta` holds the embedded metadata;
-    run(np float32 normalised) -> np logits; calling it with a torch tensor does the same (for predict.py)."""
+def meta_problem(meta: dict) -> str | None:
+    """The first problem with embedded metadata (the same checks as model.pt's fields), or None."""
+    from .model import finite_number, classes_problem, preprocess_problem
+    missing = [k for k in ("classes", "preprocess") if k not in meta]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    problem = classes_problem(meta["classes"]) or preprocess_problem(meta["preprocess"])
+    if problem:
+        return problem
+    for key, ok in (("arch", lambda v: isinstance(v, str)), ("weights", lambda v: v in ("raw", "ema")),
+                    ("tta", lambda v: v in ("none", "flip")),
+                    ("test_acc", lambda v: v is None or (finite_number(v) and 0 <= v <= 1))):
+        if key in meta and not ok(meta[key]):
+            return f"{key}: unexpected value {meta[key]!r:.60}"
+    return None
 
-    def __init__(self, path: str | os.PathLike):
+
+class Exported:
+    """An exported model file, run with onnxruntime or torch.export only. `meta` holds the embedded metadata;
+    run(np float32 normalised) -> np logits; calling it with a torch tensor does the same (for predict.py).
+    trusted=False refuses a .pt2 (loading one can run code from it)."""
+
+    def __init__(self, path: str | os.PathLike, trusted: bool = False):
         self.path, self.format = str(path), detect_format(path)
+        if self.format == "torchscript":
+            raise UsageError(f"{path}: a TorchScript file; torch deprecates TorchScript and finetune.export now "
+                             f"writes .onnx or .pt2: re-export the run with --format onnx or pt2")
+        if self.format == "pt2" and not trusted:
+            raise UsageError(f"{path}: {TRUST_HINT}")
         try:
-            if self.format == "onnx":
-                import onnxruntime as ort
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-                self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
-                raw = self.session.get_modelmeta().custom_metadata_map
-            elif self.format == "torchscript":
-                extra = {META_FILE: ""}
-                with warnings.catch_warnings():      # torch.jit.load's deprecation notice, on every load
-                    warnings.simplefilter("ignore", FutureWarning)
-                    self.module = torch.jit.load(self.path, map_location="cpu", _extra_files=extra).eval()
-                raw = json.loads(extra[META_FILE] or "{}")
-                raw = {k: json.dumps(v) for k, v in raw.items()}
-            else:
-                raise ValueError("not an exported model (a model.pt? use it directly)")
-            self.meta = {k: json.loads(raw[k]) for k in META_KEYS if k in raw}
+            raw = self._load_onnx() if self.format == "onnx" else self._load_pt2()
         except Exception as e:  # noqa: BLE001 -- any runtime's load failure: one line
             raise UsageError(f"{path}: not a loadable {self.format} model ({type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
-        missing = [k for k in ("classes", "preprocess") if k not in self.meta]
-        if missing:
-            raise UsageError(f"{path}: {self.format} file without the metadata finetune.export embeds "
-                             f"(missing {', '.join(missing)})")
+        self.meta = {}
+        for key in META_KEYS:
+            try:
+                if key in raw:
+                    self.meta[key] = json.loads(raw[key])
+            except (TypeError, ValueError):
+                raise UsageError(f"{path}: embedded metadata {key} is not JSON") from None
+        problem = meta_problem(self.meta)
+        if problem:
+            raise UsageError(f"{path}: {self.format} file without usable finetune.export metadata ({problem})")
+
+    def _load_onnx(self) -> dict:
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        return self.session.get_modelmeta().custom_metadata_map
+
+    def _load_pt2(self) -> dict:
+        if self.format != "pt2":
+            raise ValueError("not an exported model (a model.pt? use it directly)")
+        import io
+        extra = {META_FILE: ""}
+        # From memory: torch.export.load wants a name ending in .pt2 (a temporary or disguised file has none).
+        self.module = torch.export.load(io.BytesIO(Path(self.path).read_bytes()), extra_files=extra).module()
+        meta = json.loads(extra[META_FILE] or "{}")
+        return {k: json.dumps(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if self.format == "onnx":
@@ -156,14 +196,19 @@ def metadata(saved: dict, ema: bool, test_acc: float, tta: str) -> dict:
 
 def export(model: torch.nn.Module, meta: dict, path: Path, fmt: str) -> None:
     """Write `model` (CPU, eval mode) with `meta` embedded to `path` (fsynced). An exporter failure (an
-    architecture the format cannot express) becomes a one-line UsageError."""
+    architecture the format cannot express) becomes a one-line UsageError. No warning is silenced: the
+    exporters used here emit none for the architectures tested, so any that appears is news."""
     crop = meta["preprocess"]["crop"]
     h, w = (crop, crop) if isinstance(crop, int) else crop
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    # Any batch size: example batch 2, so that the exporter does not specialise the batch dimension to 1.
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            data = _onnx_bytes(model, example, meta) if fmt == "onnx" else _torchscript_bytes(model, example, meta)
+        with torch.no_grad():
+            data = (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(model, example, dynamic, meta)
+    except ImportError as e:
+        raise UsageError(f"--format {fmt}: needs the optional package {e.name or e} (pip install onnx onnxscript "
+                         f"onnxruntime: the project's export extra)") from None
     except Exception as e:  # noqa: BLE001 -- the exporters raise many kinds; the user needs the first line
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UsageError(f"--format {fmt}: --arch {meta['arch']} cannot be exported to {fmt} "
@@ -174,26 +219,25 @@ def export(model: torch.nn.Module, meta: dict, path: Path, fmt: str) -> None:
         os.fsync(fh.fileno())
 
 
-def _onnx_bytes(model, example, meta: dict) -> bytes:
-    import io
-
-    import onnx
-    buf = io.BytesIO()
-    # dynamo=False: the TorchScript-based exporter, which needs no onnxscript and takes every model trace does.
-    torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
-    proto = onnx.load_model_from_string(buf.getvalue())
+def _onnx_bytes(model, example, dynamic, meta: dict) -> bytes:
+    """torch.onnx.export(dynamo=True): torch.export's graph translated by onnxscript, the exporter torch
+    supports (the TorchScript-based one, dynamo=False, is deprecated). verbose=False: no progress lines."""
+    import onnxscript  # noqa: F401 -- the dynamo exporter needs it: fail early with the package's name
+    program = torch.onnx.export(model, (example,), None, dynamo=True, verbose=False, input_names=["images"],
+                                output_names=["logits"], dynamic_shapes=dynamic)
+    proto = program.model_proto
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     return proto.SerializeToString()
 
 
-def _torchscript_bytes(model, example, meta: dict) -> bytes:
+def _pt2_bytes(model, example, dynamic, meta: dict) -> bytes:
+    """An ExportedProgram (torch.export), saved with the metadata as an extra file."""
     import io
-    traced = torch.jit.trace(model, example, check_trace=False)
+    program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf, _extra_files={META_FILE: json.dumps(meta)})
+    torch.export.save(program, buf, extra_files={META_FILE: json.dumps(meta)})
     return buf.getvalue()
 
 
@@ -222,23 +266,47 @@ def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
     model, saved = load_trained(str(run_dir / "model.pt"), flag="RUN_DIR", ema=ema)
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        final = json.loads((run_dir / "metrics.json").read_text()).get("final") or {}
+        metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:
         raise UsageError(f"RUN_DIR {run_dir}: cannot read config.yaml / metrics.json ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:100]}); is it a finished train.py run?") from None
-    key = "ema_test_acc" if ema else "test_acc"
-    if final.get(key) is None:
-        raise UsageError(f"RUN_DIR {run_dir}: metrics.json has no final {key} to check against")
+    eval_limit, tta, precision, expected = run_fields(run_dir, cfg, metrics, "ema_test_acc" if ema else "test_acc")
     manifest = load_manifest(data or staged_or_local(cfg.get("data", ""), cfg.get("cache_dir")))
-    return Run(model, saved, manifest.test, int(cfg.get("eval_limit") or 0), str(cfg.get("tta") or "none"),
-               str(cfg.get("precision", "no")), float(final[key]))
+    return Run(model, saved, manifest.test, eval_limit, tta, precision, expected)
 
 
-def parity(path: Path, run: Run, batch: int = 32) -> tuple[str | None, str]:
+def run_fields(run_dir: Path, cfg, metrics, key: str) -> tuple[int, str, str, float]:
+    """config.yaml's eval_limit, tta, precision (and data's type) and metrics.json's final[key], each checked
+    before use: a damaged field is one line naming the file and the field."""
+    from .model import finite_number
+
+    def bad(where: str, expected: str, value) -> UsageError:
+        return UsageError(f"RUN_DIR {run_dir}: {where} should be {expected}, found {value!r:.60}; "
+                          f"is it a finished train.py run?")
+    if not isinstance(cfg, dict):
+        raise bad("config.yaml", "a mapping of train.py's settings", cfg)
+    final = metrics.get("final") if isinstance(metrics, dict) else None
+    if not isinstance(final, dict) or final.get(key) is None:
+        raise UsageError(f"RUN_DIR {run_dir}: metrics.json has no final {key} to check against")
+    checks = (("config.yaml field eval_limit", "an integer >= 0",
+               lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "eval_limit"),
+              ("config.yaml field tta", "none or flip", lambda v: v in (None, "none", "flip"), "tta"),
+              ("config.yaml field precision", "a name (no, bf16, fp16...)", lambda v: isinstance(v, str), "precision"),
+              ("config.yaml field data", "a folder or URL", lambda v: isinstance(v, str), "data"))
+    for where, expected, ok, field in checks:
+        if field in cfg and not ok(cfg[field]):
+            raise bad(where, expected, cfg[field])
+    if not (finite_number(final[key]) and 0 <= final[key] <= 1):
+        raise bad(f"metrics.json field final.{key}", "an accuracy between 0 and 1", final[key])
+    return int(cfg.get("eval_limit") or 0), str(cfg.get("tta") or "none"), str(cfg.get("precision", "no")), \
+        float(final[key])
+
+
+def parity(path: Path, run: Run, trusted: bool, batch: int = 32) -> tuple[str | None, str]:
     """Score the test shards with the file at `path` alone and with model.pt. Returns (problem or None, a
-    summary of what was compared)."""
+    summary of what was compared). trusted: see Exported."""
     from .data import EvalStream
-    exported = Exported(path)
+    exported = Exported(path, trusted)
     if exported.meta["classes"] != list(run.saved["classes"]):
         return f"embedded classes {exported.meta['classes']} != model.pt's {run.saved['classes']}", ""
     ref_spec, exp_spec = run.saved["preprocess"], exported.meta["preprocess"]
@@ -278,11 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Exit codes: 0 exported and parity holds, 1 parity failed, 2 usage error.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished train.py run (model.pt, config.yaml, metrics.json)")
     p.add_argument("--format", required=True, choices=sorted(FORMATS),
-                   help="onnx (RUN_DIR/model.onnx) or torchscript (RUN_DIR/model.ts)")
+                   help="onnx (RUN_DIR/model.onnx, torch.onnx.export dynamo=True) or pt2 (RUN_DIR/model.pt2, "
+                        "a torch.export ExportedProgram)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (the run needs --ema-decay)")
     p.add_argument("--data", default=None, help="the run's shard folder, if it moved (default: config.yaml's --data)")
     p.add_argument("--check-only", action="store_true",
-                   help="do not export: re-run the parity check on RUN_DIR's existing model.onnx / model.ts")
+                   help="do not export: re-run the parity check on RUN_DIR's existing model.onnx / model.pt2")
+    p.add_argument("--trust-model", action="store_true",
+                   help="--check-only of a model.pt2: load it although loading a .pt2 can run code from the file")
     return p
 
 
@@ -300,7 +371,8 @@ def export_run(args) -> int:
     try:
         if not args.check_only:
             export(run.model, metadata(run.saved, args.ema, run.expected_acc, run.tta), path, args.format)
-        problem, summary = parity(path, run)
+        # The file just written is ours; an existing one (--check-only) is loaded as trusted only when asked.
+        problem, summary = parity(path, run, trusted=args.trust_model or not args.check_only)
         if problem is None and not args.check_only:
             os.replace(path, target)
     finally:

@@ -124,27 +124,78 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["initial_lr"] * factor
 
 
+# ------------------------------------------------------------------------------------------------------
+# A finished run's model.pt (and what finetune.export embeds from it): every field checked before use
+# ------------------------------------------------------------------------------------------------------
+MAX_SIDE = 4096                # resize / crop sides: far above any ImageNet recipe, far below a 30 GB allocation
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")   # what torchvision resizes tensors with
+
+
+def finite_number(value) -> bool:
+    import math
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sides(value, square_ok: bool) -> bool:
+    """[height, width] ints 1..MAX_SIDE, or (square_ok: crop's short form) one such int."""
+    items = [value, value] if square_ok and isinstance(value, int) else value
+    return (isinstance(items, (list, tuple)) and len(items) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_SIDE for x in items))
+
+
+def preprocess_problem(spec) -> str | None:
+    """None for a usable eval preprocessing spec (finetune.arch.preprocessing's), else 'FIELD: what is wrong'."""
+    if not isinstance(spec, dict):
+        return f"preprocess: expected a dict, found {type(spec).__name__}"
+    checks = {"resize": (lambda v: _sides(v, False), f"[height, width], ints 1..{MAX_SIDE}"),
+              "crop": (lambda v: _sides(v, True), f"an int or [height, width], ints 1..{MAX_SIDE}"),
+              "mean": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(map(finite_number, v)),
+                       "3 finite numbers (R, G, B)"),
+              "std": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
+                      and all(finite_number(x) and x > 0 for x in v), "3 positive finite numbers (R, G, B)"),
+              "interpolation": (lambda v: v in INTERPOLATIONS, " or ".join(INTERPOLATIONS))}
+    for key, (ok, expected) in checks.items():
+        if key not in spec:
+            return f"preprocess.{key}: missing"
+        if not ok(spec[key]):
+            return f"preprocess.{key}: expected {expected}, found {spec[key]!r:.60}"
+    return None
+
+
+def classes_problem(classes) -> str | None:
+    if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+            or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+        return f"classes: expected a list of 2 or more distinct class names, found {classes!r:.60}"
+    return None
+
+
+def trained_fields_problem(saved: dict, ema: bool = False) -> str | None:
+    """The first problem with a model.pt's fields (classes, preprocess, arch, the weights to load), or None.
+    predict.py and finetune.export read model.pt only through load_trained, which calls this first."""
+    from .weights import state_dict_problem
+    problem = classes_problem(saved.get("classes")) or preprocess_problem(saved.get("preprocess"))
+    if problem:
+        return problem
+    if not isinstance(saved.get("arch", "resnet18"), str):
+        return f"arch: expected a name (train.py --arch), found {saved['arch']!r:.60}"
+    key = "ema_state_dict" if ema else "state_dict"
+    problem = state_dict_problem(saved[key])
+    return f"{key}: {problem}" if problem else None
+
+
 def load_trained(path: str, *, flag: str = "--model", ema: bool = False) -> tuple[nn.Module, dict]:
     """A run's model.pt (weights_only) -> (model in eval mode on the CPU, the saved dict). The architecture is
     the one model.pt names (train.py --arch), built without weights, its head sized to the classes; ema=True
-    loads the EMA weights (train.py --ema-decay) instead of the raw ones. Problems are one-line UsageErrors
-    naming `flag` and `path`."""
-    import os
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file (train.py writes RUN_DIR/model.pt at the end of a run)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
-        import pickle
-        why = ("not a PyTorch file that loads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
-               else (str(e).strip().splitlines() or [""])[0][:120])
-        raise UsageError(f"{flag} {path}: not a loadable model.pt ({type(e).__name__}: {why})") from None
-    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise UsageError(f"{flag} {path}: not a train.py model.pt (missing {', '.join(missing)})")
-    if ema and not saved.get("ema_state_dict"):
+    loads the EMA weights (train.py --ema-decay) instead of the raw ones. Problems (every field is checked
+    before use: trained_fields_problem) are one-line UsageErrors naming `flag` and `path`."""
+    saved = _load_model_pt(path, flag)
+    kept = saved.get("ema_state_dict")
+    if ema and (kept is None or (isinstance(kept, dict) and not kept)):
         raise UsageError(f"{flag} {path}: --ema, but this run kept no EMA weights (train.py --ema-decay D keeps them)")
-    arch, classes = str(saved.get("arch", "resnet18")), list(saved["classes"])
+    problem = trained_fields_problem(saved, ema)
+    if problem:
+        raise UsageError(f"{flag} {path}: not a usable train.py model.pt (field {problem})")
+    arch, classes = saved.get("arch", "resnet18"), list(saved["classes"])
     try:
         model = archs.create(arch)
     except UsageError as e:
@@ -156,3 +207,19 @@ def load_trained(path: str, *, flag: str = "--model", ema: bool = False) -> tupl
         raise UsageError(f"{flag} {path}: weights do not fit {arch} with {len(classes)} classes "
                          f"({str(e).splitlines()[0][:120]})") from None
     return model.eval(), saved
+
+
+def _load_model_pt(path: str, flag: str) -> dict:
+    """torch.load(weights_only=True) of a model.pt, and its required keys present; else one-line UsageError."""
+    import os
+    if not os.path.isfile(path):
+        what = "not a regular file" if os.path.exists(path) else "no such file"
+        raise UsageError(f"{flag} {path}: {what} (train.py writes RUN_DIR/model.pt at the end of a run)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a model.pt we can use"
+        raise UsageError(f"{flag} {path}: not a loadable model.pt ({weights.load_failure(e)})") from None
+    missing = [k for k in ("state_dict", "classes", "preprocess") if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UsageError(f"{flag} {path}: not a train.py model.pt (missing {', '.join(missing)})")
+    return saved

@@ -29,6 +29,19 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
 
 
+def load_failure(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one whole sentence. torch's own message for a
+    pickle that names a Python global is many lines with terminal escapes (cutting its first line left half a
+    word); what matters is which global it wanted and that such a file is never unpickled here."""
+    import pickle
+    if not isinstance(e, pickle.UnpicklingError):
+        return _first_line(e)
+    wanted = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    what = f"the Python object {wanted[1]}" if wanted else "Python objects that are not tensors"
+    return (f"refused: it asks to build {what}, and unpickling such a file can run code, so it is only ever "
+            f"loaded with weights_only=True: tensors, numbers, strings, lists and dicts")
+
+
 # ------------------------------------------------------------------------------------------------------
 # --pretrained imagenet
 # ------------------------------------------------------------------------------------------------------
@@ -150,15 +163,29 @@ def from_file(path: str, arch: str) -> dict:
     except FileNotFoundError:
         raise UsageError(f"--pretrained {path}: no such file") from None
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a state dict we can load"
-        raise UsageError(f"--pretrained {path}: not a loadable state dict ({_first_line(e)})") from None
+        raise UsageError(f"--pretrained {path}: not a loadable state dict ({load_failure(e)})") from None
     for wrapper in ("state_dict", "model"):      # model.pt, train.py checkpoints
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"--pretrained {path}: expected a dict of tensors (a state_dict of --arch {arch})")
+    problem = state_dict_problem(sd)
+    if problem:
+        raise UsageError(f"--pretrained {path}: {problem} (a state_dict of --arch {arch})")
     if arch == LITE0_ARCH and "_conv_stem.weight" in sd:
         sd = lite0_to_timm(sd)
     return sd
+
+
+def state_dict_problem(sd) -> str | None:
+    """None for a non-empty dict of parameter names (str) to tensors, else what is wrong with it."""
+    if not isinstance(sd, dict) or not sd:
+        return f"expected a dict of tensors, found {type(sd).__name__ if sd else 'an empty one'}"
+    key = next((k for k in sd if not isinstance(k, str)), None)
+    if key is not None:
+        return f"expected parameter names as keys, found the key {key!r} ({type(key).__name__})"
+    name = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if name is not None:
+        return f"expected a dict of tensors, but {name} is a {type(sd[name]).__name__}"
+    return None
 
 
 def resolve(arch: str, pretrained: str) -> tuple[dict | None, str]:

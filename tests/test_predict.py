@@ -255,3 +255,133 @@ def test_crafted_pickle_as_model_never_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("predict.py: error: --model") and "weights_only" in err[0], err
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Issue 20: crafted model / weights files (12), memory per pixel (13), FIFOs and the pickle message (15)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, needle", [
+    ("classes", 5, "field classes: expected a list of 2 or more distinct class names, found 5"),
+    ("classes", ["a", "a"], "field classes: expected a list of 2 or more distinct"),
+    ("preprocess", {}, "field preprocess.resize: missing"),
+    ("resize", [100000, 100000], "field preprocess.resize: expected [height, width], ints 1..4096, "
+                                 "found [100000, 100000]"),
+    ("crop", 0, "field preprocess.crop: expected an int or [height, width], ints 1..4096, found 0"),
+    ("mean", [0.5, "x", 0.5], "field preprocess.mean: expected 3 finite numbers"),
+    ("std", [0.5, 0.0, 0.5], "field preprocess.std: expected 3 positive finite numbers"),
+    ("interpolation", "magic", "field preprocess.interpolation: expected nearest or nearest-exact"),
+    ("arch", 7, "field arch: expected a name"),
+    ("state_dict", {0: torch.zeros(1)}, "field state_dict: expected parameter names as keys, found the key 0"),
+])
+def test_crafted_model_pt_field_is_one_line_naming_file_and_field(trained, tmp_path, capsys, field, value, needle):
+    """Each of these was a traceback (TypeError, KeyError) or a 30 GB allocation: now one line, exit 2."""
+    saved = dict(trained["saved"], preprocess=dict(trained["saved"]["preprocess"]))
+    if field in saved["preprocess"]:
+        saved["preprocess"][field] = value
+    else:
+        saved[field] = value
+    path = tmp_path / "crafted.pt"
+    torch.save(saved, path)
+    img = _photo(tmp_path / "x.jpg")
+    assert predict.main(["--model", str(path), str(img)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"predict.py: error: --model {path}: not a usable train.py model.pt")
+    assert needle in err[0], err
+
+
+def test_pretrained_with_non_string_keys_is_one_line(shards, tmp_path):
+    """--pretrained holding {0: tensor} was an AttributeError traceback inside train.py's model set-up."""
+    from conftest import run_train
+    torch.save({0: torch.zeros(3)}, tmp_path / "keys.pt")
+    proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", tmp_path / "keys.pt",
+                      "--epochs", "1", *TINY], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"train.py: error: --pretrained {tmp_path / 'keys.pt'}: expected parameter names as keys, "
+                    f"found the key 0 (int) (a state_dict of --arch resnet18)"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def _png_header(path, width, height, bit_depth, colour_type=0):
+    """A PNG whose header says width x height x bit_depth (colour_type 0: grey) and holds no pixel data:
+    what matters is refused from the header alone, before any decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    return path
+
+
+def test_16_bit_png_under_the_pixel_limit_is_refused_by_its_memory(trained, tmp_path, capsys):
+    """Issue 20 item 13: a 13000 x 13000 16-bit PNG (169 MP, under the 179 MP pixel limit) held 5.4 GB for 32 s.
+    It costs ~31 bytes a pixel to decode, more than an 8-bit RGB image at the pixel limit (19): refused from
+    its header. The same size in 8-bit grey (13 bytes a pixel) is within the limit: not refused for memory."""
+    from data_prep.images import MAX_PIXELS
+    assert 13000 * 13000 <= MAX_PIXELS
+    deep = _png_header(tmp_path / "deep.png", 13000, 13000, 16)
+    grey = _png_header(tmp_path / "grey.png", 13000, 13000, 8)
+    _photo(tmp_path / "ok.jpg")
+    assert predict.main(["--model", trained["model"], str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    lines = {line.split(": cannot read ")[1].split(": ")[0]: line for line in err.splitlines() if "cannot read" in line}
+    assert "image too large to decode: 13000 x 13000 in mode I;16 would take about 4.9 GiB" in lines[str(deep)], err
+    assert "the limit is 3.2 GiB" in lines[str(deep)]
+    assert "too large" not in lines[str(grey)] and "truncated or corrupt PNG" in lines[str(grey)], err
+    assert "labelled 1 image(s)" in err
+
+
+def test_memory_table_covers_what_to_rgb_decodes():
+    """Each Pillow mode the table prices is a mode Pillow knows; the unknown ones fall back to 4-byte pixels."""
+    from PIL import ImageMode
+    for mode in predict.DECODE_BYTES_PER_PIXEL:
+        ImageMode.getmode(mode)
+    assert predict.DECODE_BYTES_PER_PIXEL["I;16"] > predict.MULTI_CHANNEL_COST > predict.DECODE_BYTES_PER_PIXEL["L"]
+
+
+def test_fifo_is_not_a_regular_file_and_never_blocks(trained, tmp_path):
+    """Issue 20 item 15: a FIFO was 'no such file or folder'; it must be named as what it is, without opening
+    it for a blocking read (a subprocess with a timeout, so a regression hangs no test run)."""
+    import os
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    img = _photo(tmp_path / "ok.jpg")
+    proc = subprocess.run([PYTHON, "predict.py", "--model", trained["model"], str(fifo), str(img)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"predict.py: cannot read {fifo}: not a regular file (a FIFO); only regular files are read" in proc.stderr
+    assert len(_rows(proc.stdout)) == 1
+    proc = subprocess.run([PYTHON, "predict.py", "--model", str(fifo), str(img)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"predict.py: error: --model {fifo}: not a regular file (train.py writes RUN_DIR/model.pt at the end of "
+        f"a run)"), proc.stderr
+
+
+def _evil_pickle(path, marker):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"state_dict": Evil(), "classes": ["a", "b"], "preprocess": {}}, path)
+    return path
+
+
+REFUSED_PICKLE = ("refused: it asks to build the Python object io.open, and unpickling such a file can run code, "
+                  "so it is only ever loaded with weights_only=True: tensors, numbers, strings, lists and dicts")
+
+
+def test_malicious_pickle_refusal_is_a_whole_message(trained, tmp_path, shards, capsys):
+    """Issue 20 item 15: the --pretrained refusal was torch's first line cut at 120 characters, mid-word and with
+    terminal escapes. Both readers now say the whole sentence; the pickle never runs."""
+    from finetune import weights
+    marker = tmp_path / "PWNED"
+    evil = _evil_pickle(tmp_path / "evil.pt", marker)
+    with pytest.raises(weights.UsageError) as e:
+        weights.from_file(str(evil), "resnet18")
+    assert str(e.value) == f"--pretrained {evil}: not a loadable state dict ({REFUSED_PICKLE})"
+    assert predict.main(["--model", str(evil), str(_photo(tmp_path / "x.jpg"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"predict.py: error: --model {evil}: not a loadable model.pt ({REFUSED_PICKLE})"
+    assert "\x1b" not in err and not marker.exists()
