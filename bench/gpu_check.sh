@@ -34,6 +34,7 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHON
+export PYTHONUNBUFFERED=1        # lines appear as they happen, also through tee and when a timeout cuts the run
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 if [ "$DRY" = 1 ]; then
     WORK=${GPU_CHECK_DIR:-/tmp/gpu_check}
