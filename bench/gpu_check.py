@@ -31,7 +31,7 @@ PY = os.environ.get("PYTHON") or sys.executable
 BATCHES = (128, 256)            # per-GPU batch sizes of the step figures
 E2E_BATCH = 256                 # per-GPU batch of the end-to-end and loader-only figures
 PREFETCH = 4                    # finetune.data.make_loader's prefetch_factor
-TRAIN_IMAGES = 2048             # distinct synthetic train images (256-px shorter side)
+TRAIN_IMAGES = 1024             # distinct synthetic train images (256-px shorter side; repeated by replicate)
 
 
 @dataclass
@@ -90,10 +90,10 @@ def dali_gate(f: Facts) -> str:
 def data_step(f: Facts, work: Path) -> Step:
     src, base = work / "src", work / "shards"
     cmd = (f"{shlex.quote(PY)} -m data_prep synthetic --out {src} --train-per-class {TRAIN_IMAGES // 2} "
-           f"--test-per-class 64 --min-side 256 --max-side 341 && {shlex.quote(PY)} -m data_prep prepare "
+           f"--test-per-class 32 --min-side 256 --max-side 341 && {shlex.quote(PY)} -m data_prep prepare "
            f"--source {src} --out {base} --shorter-side 256 --samples-per-shard 128 --workers "
            f"{f.cores} --no-progress")
-    return Step("data", 45, f"{TRAIN_IMAGES} train + 128 test synthetic JPEGs, sides 256-341 px -> shards at a "
+    return Step("data", 55, f"{TRAIN_IMAGES} train + 64 test synthetic JPEGs, sides 256-341 px -> shards at a "
                 f"256-px shorter side; the train split then repeated by hard links (long epochs, same images)",
                 ["bash", "-c", cmd])
 
@@ -189,6 +189,11 @@ def e2e_window(f: Facts) -> tuple[int, int]:
     return 2 * depth + 2, 3 * depth
 
 
+def bound(epoch: dict) -> str:
+    """What limits an end-to-end run: the step waited for data >= 10 % of the time, or it did not."""
+    return "input-bound" if epoch["data_wait_frac"] >= 0.10 else "compute-bound"
+
+
 def e2e_step(path: str, f: Facts, shards: Path, work: Path) -> Step:
     skip, win = e2e_window(f)
     argv = [PY, "train.py", "--data", shards, "--pretrained", "none", "--arch", "resnet18", "--image-size", 224,
@@ -202,14 +207,13 @@ def e2e_step(path: str, f: Facts, shards: Path, work: Path) -> Step:
         e = json.loads((work / "runs" / f"e2e-{path}" / "metrics.json").read_text())["epochs"][0]
         e["path"] = path
         RESULTS.setdefault("e2e", []).append(e)
-        bound = "input-bound" if e["data_wait_frac"] >= 0.10 else "compute-bound"
         print(f"FIG e2e {path}: {e['examples_per_sec']:.0f} img/s per GPU end to end, steps {skip + 1}-"
               f"{skip + win} of batch {E2E_BATCH} (compute only {e['compute_examples_per_sec']:.0f}, data wait "
-              f"{100 * e['data_wait_frac']:.1f} %) -> {bound}")
+              f"{100 * e['data_wait_frac']:.1f} %) -> {bound(e)}")
         return path != "torchvision" or check_precision_auto(f, out)
     what = (f"train.py, {path} path, ResNet-18 224 px, batch {E2E_BATCH}, --precision auto, {f.workers} workers: "
             f"1 epoch of {skip + win} steps, the first {skip} left out (--timing-warmup), {win} timed")
-    step = Step(f"e2e-{path}", 50, what, argv, report=report)
+    step = Step(f"e2e-{path}", 45, what, argv, report=report)
     if path == "dali":
         step.skip = dali_gate(f)
     elif path == "device" and "--decode-on" not in f.train_flags:
@@ -402,9 +406,8 @@ def summary(f: Facts, goal: float) -> bool:
     e2e = RESULTS.get("e2e", [])
     for e in e2e:
         lo = loaders.get(e["path"])
-        bound = "input-bound" if e["data_wait_frac"] >= 0.10 else "compute-bound"
         print(f"FIG path {e['path']}: end to end {e['examples_per_sec']:.0f} img/s per GPU, loader only "
-              f"{f'{lo:.0f}' if lo else '-'} img/s, compute only {e['compute_examples_per_sec']:.0f} img/s: {bound}")
+              f"{f'{lo:.0f}' if lo else '-'} img/s, compute only {e['compute_examples_per_sec']:.0f} img/s: {bound(e)}")
     if not e2e:
         return True
     best = max(e2e, key=lambda e: e["examples_per_sec"])
