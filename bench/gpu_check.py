@@ -54,7 +54,6 @@ class Facts:
     cores: int
     train_flags: str                             # train.py --help (which flags exist: --loader, --decode-on)
     dali: str                                    # "" when nvidia.dali imports, else why not
-    dry: bool = False
 
     @property
     def workers(self) -> int:                   # one core stays with the training process
@@ -68,7 +67,7 @@ def probe(dry: bool) -> Facts:
     why = "" if dali.returncode == 0 else (dali.stderr.strip().splitlines() or ["import failed"])[-1]
     if dry:
         return Facts(int(os.environ.get("GPU_CHECK_GPUS", "1")), "9.0", "(dry run)",
-                     int(os.environ.get("GPU_CHECK_CORES", "16")), helptext, why, dry=True)
+                     int(os.environ.get("GPU_CHECK_CORES", "16")), helptext, why)
     code = ("import json, os, torch; n = torch.cuda.device_count(); print(json.dumps([n, '%d.%d' % "
             "torch.cuda.get_device_capability(0) if n else '0.0', torch.cuda.get_device_name(0) if n else '',"
             " len(os.sched_getaffinity(0))]))")
@@ -199,7 +198,7 @@ def e2e_step(path: str, f: Facts, shards: Path, work: Path) -> Step:
     argv = [PY, "train.py", "--data", shards, "--pretrained", "none", "--arch", "resnet18", "--image-size", 224,
             "--batch-size", E2E_BATCH, "--epochs", 1, "--workers", f.workers, "--precision", "auto",
             "--eval-limit", 256, "--timing-warmup", skip, "--max-steps-per-epoch", skip + win,
-            "--log-every", 1000, "--output-dir", work / "runs" / f"e2e-{path}", *E2E_FLAGS[path]]
+            "--output-dir", work / "runs" / f"e2e-{path}", *E2E_FLAGS[path]]   # --log-every: the default
 
     def report(step, rc, out):
         if rc != 0:
