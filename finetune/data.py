@@ -104,8 +104,11 @@ def decode(data: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)    # RandomResizedCrop's defaults (also finetune.dali's)
+
+
 def random_resized_crop_params(height: int, width: int, rng: random.Random,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                               scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling, driven by an explicit RNG (so it is seedable per sample)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
