@@ -321,15 +321,15 @@ def _check_batch_and_loader(cfg: Config, parser: argparse.ArgumentParser, given:
                      "set --batch-size and scale --lr yourself")
     if cfg.loader != "dali":
         return
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        parser.error("--loader dali needs NVIDIA DALI, which is not installed: pip install 'hotdog-finetune[dali]' "
-                     "(i.e. pip install nvidia-dali-cuda130), or use --loader torchvision")
     for bad, why in ((cfg.decode_on != "cpu", "--decode-on device (DALI decodes on the GPU itself)"),
                      (cfg.augment_with != "torchvision", "--augment-with opencv (DALI crops and flips itself)"),
                      (cfg.class_balance == "resample", "--class-balance resample (use --class-balance loss)"),
                      (cfg.data_order != "random", "--data-order sequential (DALI reads in random order)")):
         if bad:
             parser.error(f"--loader dali does not take {why}; use --loader torchvision for it")
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        parser.error("--loader dali needs NVIDIA DALI, which is not installed: pip install 'hotdog-finetune[dali]' "
+                     "(i.e. pip install nvidia-dali-cuda130), or use --loader torchvision")
 
 
 def save_config(cfg: Config, path: Path) -> None:

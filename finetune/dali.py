@@ -140,11 +140,16 @@ def _seed(spec: DaliSpec, epoch: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def random_crop(fn, types, jpegs, spec: DaliSpec):
+    """RandomResizedCrop's draw (CROP_SCALE, CROP_RATIO, 10 attempts), decoding only the crop's region."""
+    return fn.decoders.image_random_crop(jpegs, device="cpu" if spec.device_id is None else "mixed",
+                                         output_type=types.RGB, random_area=list(CROP_SCALE),
+                                         random_aspect_ratio=list(CROP_RATIO), num_attempts=10)
+
+
 def augment(fn, types, jpegs, spec: DaliSpec):
     """RandomResizedCrop(image_size, CROP_SCALE, CROP_RATIO) + flip (+ mean/std), as DALI nodes."""
-    images = fn.decoders.image_random_crop(jpegs, device="cpu" if spec.device_id is None else "mixed",
-                                           output_type=types.RGB, random_area=list(CROP_SCALE),
-                                           random_aspect_ratio=list(CROP_RATIO), num_attempts=10)
+    images = random_crop(fn, types, jpegs, spec)
     images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size,
                        interp_type=types.INTERP_LINEAR, antialias=True)
     flip = fn.random.coin_flip(probability=0.5)
@@ -167,10 +172,7 @@ def build_pipeline(spec: DaliSpec, epoch: int, keys: bool = False, crops_only: b
                                            initial_fill=max(1, spec.shuffle_buffer),
                                            missing_component_behavior="error", name="reader")
         if crops_only:
-            pipe.set_outputs(fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                                           random_area=list(CROP_SCALE),
-                                                           random_aspect_ratio=list(CROP_RATIO), num_attempts=10),
-                             fn.peek_image_shape(jpegs))
+            pipe.set_outputs(random_crop(fn, types, jpegs, spec), fn.peek_image_shape(jpegs))
         else:
             extra = [fn.get_property(jpegs, key="source_info")] if keys else []
             pipe.set_outputs(augment(fn, types, jpegs, spec), cls, *extra)
