@@ -122,11 +122,24 @@ class Data:
     val_loader: torch.utils.data.DataLoader | None = None   # the manifest's val split, if it has one
     expected_val: int = 0
     class_weight: torch.Tensor | None = None                # --class-balance loss
+    _running: tuple = (None, None)                          # (the train loader's iterator, the (epoch, step) it is at)
 
     def batches(self, epoch: int, start: int, accum: int):
-        """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others)."""
-        self.train_stream.epoch, self.train_stream.skip = epoch, start * accum
-        return itertools.islice(iter(self.train_loader), (self.steps - start) * accum)
+        """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others). One
+        iterator serves epoch after epoch (the streams are `continuous`): the loader workers are forked once
+        per run, without a stall at each epoch; a new iterator starts only where the running one is not."""
+        iterator, at = self._running
+        if at != (epoch, start):
+            self.train_stream.epoch, self.train_stream.skip = epoch, start * accum
+            iterator = iter(self.train_loader)
+        self._running = (iterator, None)
+        return self._take(iterator, (self.steps - start) * accum, epoch)
+
+    def _take(self, iterator, n: int, epoch: int):
+        for k, batch in enumerate(itertools.islice(iterator, n), 1):
+            if k == n:                  # the epoch was consumed whole: the iterator stands at the next one
+                self._running = (iterator, (epoch + 1, 0))
+            yield batch
 
 
 def make_data(job: Job) -> Data:
@@ -143,14 +156,14 @@ def make_data(job: Job) -> Data:
     pin = acc.device.type == "cuda"
     if cfg.loader == "dali":    # index files once per node (the local main process), then every rank's pipeline
         distributed.agree(acc, dali.build_indexes([manifest.train]) if acc.is_local_main_process else None)
-        train_stream = dali.make_train_loader(cfg, manifest.train, rank=rank, world_size=world, device=acc.device,
-                                              threads=workers, preprocess=job.preprocess)
+        train_stream = dali.make_train_loader(job, manifest.train, steps=steps, threads=workers)
     else:
         train_stream = train_stream_for(cfg, manifest.train, rank=rank, world_size=world,
                                         micro_batch=cfg.batch_size // (world * cfg.grad_accum),
                                         accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
                                         seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
                                         decode_on=cfg.decode_on, augment_with=cfg.augment_with)
+        train_stream.continuous = True
 
     def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
         return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,

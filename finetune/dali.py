@@ -24,6 +24,7 @@ Evaluation stays on the torchvision path (finetune.data.EvalStream: each test im
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import tarfile
@@ -196,26 +197,33 @@ def to_torch(images, device: torch.device | None) -> torch.Tensor:
 
 
 class DaliTrainLoader:
-    """Micro-batches (images, labels) for ONE rank, infinitely; TrainStream's interface as train.py uses it
-    (set `.epoch` and `.skip`, then iterate: a new pipeline per epoch, `skip` micro-batches replayed).
-    keys=True also yields each sample's source ("tar:offset:name"), for tests."""
+    """Micro-batches (images, labels) for ONE rank; TrainStream's interface as train.py uses it: set `.epoch`
+    and `.skip`, then iterate. A new pipeline per epoch, its first `skip` micro-batches replayed (resume).
+    batches_per_epoch 0: one epoch, never ending; N: epoch after epoch of N micro-batches (continuous, one
+    iterator per run). keys=True also yields each sample's source ("tar:offset:name"), for tests."""
 
-    def __init__(self, spec: DaliSpec, keys: bool = False):
+    def __init__(self, spec: DaliSpec, keys: bool = False, batches_per_epoch: int = 0):
         import_dali()                                   # the one-line error now, not at the first batch
-        self.spec, self.keys = spec, keys
+        self.spec, self.keys, self.batches_per_epoch = spec, keys, batches_per_epoch
         self.epoch, self.skip = 0, 0
 
     def __iter__(self):
-        spec = self.spec
-        device = None if spec.device_id is None else torch.device("cuda", spec.device_id)
-        pipe = build_pipeline(spec, self.epoch, keys=self.keys)
-        for _ in range(self.skip):
-            pipe.run()
+        epoch, skip = self.epoch, self.skip
         while True:
-            outputs = pipe.run()
-            labels = torch.tensor([int(t) for t in _text(outputs[1])], dtype=torch.long)
-            batch = (to_torch(outputs[0], device), labels)
-            yield batch + (_text(outputs[2]),) if self.keys else batch
+            pipe = build_pipeline(self.spec, epoch, keys=self.keys)
+            for _ in range(skip):
+                pipe.run()
+            count = range(self.batches_per_epoch - skip) if self.batches_per_epoch else itertools.count()
+            for _ in count:
+                yield self._batch(pipe.run())
+            del pipe                                    # free its buffers before the next epoch's are allocated
+            epoch, skip = epoch + 1, 0
+
+    def _batch(self, outputs):
+        device = None if self.spec.device_id is None else torch.device("cuda", self.spec.device_id)
+        labels = torch.tensor([int(t) for t in _text(outputs[1])], dtype=torch.long)
+        batch = (to_torch(outputs[0], device), labels)
+        return batch + (_text(outputs[2]),) if self.keys else batch
 
 
 class FloatPassNormalizer(DeviceNormalizer):
@@ -229,14 +237,15 @@ class FloatPassNormalizer(DeviceNormalizer):
         return images, labels.to(self.device, non_blocking=True) if labels is not None else None
 
 
-def make_train_loader(cfg, split: Split, *, rank: int, world_size: int, device: torch.device, threads: int,
-                      preprocess: dict) -> DaliTrainLoader:
-    """train.py's DALI train loader for this rank (index files must exist: build_indexes)."""
-    spec = DaliSpec(split, index_paths(split), rank, world_size, cfg.batch_size // (world_size * cfg.grad_accum),
-                    cfg.image_size, cfg.seed, cfg.shuffle_buffer, threads,
-                    _cuda_index(device), tuple(preprocess["mean"]),
-                    tuple(preprocess["std"]))
-    return DaliTrainLoader(spec)
+def make_train_loader(job, split: Split, *, steps: int, threads: int) -> DaliTrainLoader:
+    """train.py's DALI train loader for this rank (`job`: train.Job; index files must exist: build_indexes):
+    epoch after epoch of `steps` optimizer steps, continuously, like train.py's TrainStream."""
+    cfg, acc = job.cfg, job.accelerator
+    world = acc.num_processes
+    spec = DaliSpec(split, index_paths(split), acc.process_index, world, cfg.batch_size // (world * cfg.grad_accum),
+                    cfg.image_size, cfg.seed, cfg.shuffle_buffer, threads, _cuda_index(acc.device),
+                    tuple(job.preprocess["mean"]), tuple(job.preprocess["std"]))
+    return DaliTrainLoader(spec, batches_per_epoch=steps * cfg.grad_accum)
 
 
 def _cuda_index(device: torch.device) -> int | None:

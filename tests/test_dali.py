@@ -11,6 +11,7 @@ import math
 import random
 import shutil
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,3 +259,76 @@ def test_resumed_mid_epoch_equals_the_uninterrupted_run(shards, imagenet_like, t
     for key in ("state_dict", "ema_state_dict"):
         ref, resumed = load_model_pt(tmp_path / "ref")[key], load_model_pt(tmp_path / "run")[key]
         assert all(torch.equal(ref[k], resumed[k]) for k in ref), key
+
+
+# ------------------------------------------------------------------------------------------------------
+# One train-loader iterator per run (issue 23 item 3: no worker re-fork, no stall, at each epoch)
+# ------------------------------------------------------------------------------------------------------
+def _stream_kw(**over):
+    kw = dict(rank=0, world_size=1, micro_batch=4, accum=1, steps=3, image_size=32, seed=1, order="random",
+              shuffle_buffer=20)
+    return {**kw, **over}
+
+
+@pytest.mark.parametrize("order, skip", [("random", 0), ("random", 1), ("sequential", 2)])
+def test_a_continuous_stream_gives_each_epoch_as_a_fresh_one_would(shards, order, skip):
+    """One DataLoader iterator over a continuous TrainStream (2 workers, 3 batches per epoch: the workers swap
+    parts from epoch to epoch) hands out epoch 1 from `skip` on, then epochs 2 and 3, exactly as three
+    one-epoch iterations (fresh workers each) would."""
+    from finetune.data import TrainStream, make_loader
+    split = load_manifest(shards).train
+    stream = TrainStream(split, **_stream_kw(order=order))
+    stream.epoch, stream.skip, stream.continuous = 1, skip, True
+    got = list(itertools.islice(iter(make_loader(stream, 2, False)), 3 - skip + 3 + 3))
+    expected = []
+    for epoch, first in ((1, skip), (2, 0), (3, 0)):
+        fresh = TrainStream(split, **_stream_kw(order=order))
+        fresh.epoch, fresh.skip = epoch, first
+        expected += list(itertools.islice(iter(make_loader(fresh, 2, False)), 3 - first))
+    assert len(got) == len(expected) == 9 - skip
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))
+
+
+def test_train_py_reuses_one_loader_iterator_across_epochs():
+    """train.Data.batches: epoch 1 right after a whole epoch 0 continues the same iterator (no iter(): the
+    DataLoader would fork its workers again); a resume, or an epoch cut short, starts a new one there."""
+    import train
+
+    class Loader:
+        iters = 0
+
+        def __iter__(self):
+            Loader.iters += 1
+            return iter(range(1000))
+
+    stream = SimpleNamespace(epoch=None, skip=None)
+    data = train.Data(stream, Loader(), None, steps=3, expected_test=0)
+    assert list(data.batches(0, 0, 2)) == list(range(6)) and Loader.iters == 1
+    assert list(data.batches(1, 0, 2)) == list(range(6, 12)) and Loader.iters == 1
+    part = data.batches(2, 0, 2)
+    next(part)                                              # epoch 2 cut short (a preemption, say)
+    assert list(data.batches(2, 1, 2)) == list(range(4)) and Loader.iters == 2
+    assert (stream.epoch, stream.skip) == (2, 2)
+
+
+class _SharedInWorker(torch.utils.data.IterableDataset):
+    """Yields whether collate's / opencv_batch's batches are in shared memory where they are made."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __iter__(self):
+        from finetune.data import collate, opencv_batch
+        samples = list(itertools.islice(_tar_samples(load_manifest(self.shards).train.urls), 2))
+        tv = collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), int(s["cls"])) for s in samples])[0]
+        cv = opencv_batch([(s["jpg"], random.Random(0), int(s["cls"])) for s in samples], 8)[0]
+        yield torch.tensor([tv.is_shared(), cv.is_shared()])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_are_made_in_shared_memory_inside_loader_workers(shards, workers):
+    """In a loader worker a batch is collated straight into shared memory (no copy when it is sent to the
+    training process, as torch's default_collate does); in the training process itself, plain memory."""
+    from finetune.data import make_loader
+    (flags,) = list(make_loader(_SharedInWorker(shards), workers, False))
+    assert flags.tolist() == [bool(workers)] * 2
