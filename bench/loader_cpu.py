@@ -9,8 +9,9 @@ worker-only figure of bench/per_core.py (the same work in one thread, no DataLoa
 
 Paths: `torchvision` (TrainStream's default), `opencv` (--augment-with opencv), `dali-cpu` (finetune.dali's
 pipeline in DALI's CPU-only mode, uint8 output like the others; DALI's threads run inside the training
-process, so there is no inter-process copy, only the copy out of DALI into a torch tensor). "workers" is
-DataLoader workers, or DALI threads.
+process, so there is no inter-process copy, only the copy out of DALI into a torch tensor), and on a GPU
+machine `dali-gpu` (the same pipeline with the "mixed" decoder on cuda:0: what --loader dali runs there).
+"workers" is DataLoader workers, or DALI threads; 0 workers: the stream runs in the training process.
 
 Why CPU-seconds: on a shared, loaded machine the wall-clock rate counts the time other processes held the
 cores; the CPU time the loader itself burnt does not. The window: after a warm-up, the loader is left to go
@@ -88,9 +89,11 @@ def torch_loader(split, path: str, workers: int, batch: int):
     return iter(make_loader(stream, workers, pin_memory=torch.cuda.is_available()))
 
 
-def dali_loader(split, workers: int, batch: int):
+def dali_loader(split, path: str, workers: int, batch: int):
+    """finetune.dali's train loader: CPU-only mode, or (dali-gpu) the "mixed" decoder on cuda:0."""
     from finetune import dali
-    spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, workers, None)
+    spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, workers,
+                         0 if path == "dali-gpu" else None)
     return iter(dali.DaliTrainLoader(spec))
 
 
@@ -105,6 +108,8 @@ def measure(batches, n: int, batch: int, warmup: int) -> tuple[float, float, flo
     cpu, main_cpu, wall = tree_cpu_seconds(children), main_cpu_seconds(), time.perf_counter()
     for x, _ in itertools.islice(batches, n):
         assert x.shape == (batch, 3, SIZE, SIZE)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - wall
     waiting = settle(children)
     cpu, main_cpu = tree_cpu_seconds(children) - cpu - waiting, main_cpu_seconds() - main_cpu - waiting
@@ -113,9 +118,10 @@ def measure(batches, n: int, batch: int, warmup: int) -> tuple[float, float, flo
 
 def worker_only(split, path: str, images: int, batch: int) -> float:
     """bench/per_core.py's figure for `path`: the same work in this thread, no DataLoader (CPU time)."""
-    if path == "dali-cpu":      # DALI runs in-process anyway: its pipeline alone, without the copy out
+    if path.startswith("dali"):     # DALI runs in-process anyway: its pipeline alone, without the copy out
         from finetune import dali
-        spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, 1, None)
+        spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, 1,
+                             0 if path == "dali-gpu" else None)
         pipe = dali.build_pipeline(spec, 0)
         for _ in range(3):                                  # warm-up: the shuffle buffer, first allocations
             pipe.run()
@@ -134,7 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", default="", help="a shard directory (default: 256-px synthetic shards in $TMPDIR)")
     p.add_argument("--paths", nargs="+", default=["torchvision", "opencv", "dali-cpu"],
-                   choices=["torchvision", "opencv", "dali-cpu"])
+                   choices=["torchvision", "opencv", "dali-cpu", "dali-gpu"],
+                   help="dali-gpu: DALI's mixed decoder on cuda:0 (a GPU machine; not in the default list)")
     p.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2],
                    help="DataLoader workers (0: the stream runs in the training process, no IPC; DALI: threads)")
     p.add_argument("--batch", type=int, default=64, help="images per batch")
@@ -147,7 +154,7 @@ def main() -> None:
     print(machine(f"cpu; pinned batches: {'yes' if torch.cuda.is_available() else 'no (no CUDA)'}"))
     print(f"shards: {shards} ({split.num_samples} train images); batch {args.batch} at {SIZE} px, "
           f"{args.batches} timed batches x {args.repeats} repeats")
-    if "dali-cpu" in args.paths:
+    if any(path.startswith("dali") for path in args.paths):
         from finetune import dali
         problem = dali.build_indexes([split])
         if problem:
@@ -156,14 +163,14 @@ def main() -> None:
     for path in args.paths:
         alone = median([worker_only(split, path, args.batches * args.batch, args.batch) for _ in range(args.repeats)])
         for workers in args.workers:
-            if path == "dali-cpu" and workers == 0:
+            if path.startswith("dali") and workers == 0:
                 continue                                    # DALI has no in-process mode without threads
             rates = []
             for _ in range(args.repeats):
-                loader = dali_loader(split, workers, args.batch) if path == "dali-cpu" else \
+                loader = dali_loader(split, path, workers, args.batch) if path.startswith("dali") else \
                     torch_loader(split, path, workers, args.batch)
                 # Past the shuffle buffers' filling (1000 samples per worker, or per DALI reader).
-                warmup = max(1, 1 if path == "dali-cpu" else workers) * (SHUFFLE // args.batch + 2)
+                warmup = max(1, 1 if path.startswith("dali") else workers) * (SHUFFLE // args.batch + 2)
                 rates.append(measure(loader, args.batches, args.batch, warmup))
                 del loader
             cpu = median([c for c, _, _ in rates])
