@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import os
 import random
+import socket
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError, atomic_write_text
+from . import UsageError
 from .data import CROP_RATIO, CROP_SCALE, DeviceNormalizer, Split
 
 INSTALL = "pip install 'hotdog-finetune[dali]' (i.e. pip install nvidia-dali-cuda130)"
@@ -77,7 +78,15 @@ def write_index(tar_path: str | os.PathLike, index_path: str | os.PathLike) -> i
                 samples[-1].append(component)
     if not samples:
         raise ValueError(f"{tar_path}: no samples in this tar file")
-    atomic_write_text(Path(index_path), f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+    # Atomically, under a temporary name unique per host and process: nodes may share the index folder.
+    index_path = Path(index_path)
+    tmp = index_path.with_name(f".{index_path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        tmp.write_text(f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
+        os.replace(tmp, index_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)             # nothing half-written left behind
+        raise
     return len(samples)
 
 
