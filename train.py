@@ -127,8 +127,8 @@ class Data:
     def batches(self, epoch: int, start: int, accum: int):
         """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others). One
         iterator serves epoch after epoch (the streams are `continuous`): the loader workers are forked once
-        per run, not at every epoch (nor their shuffle buffers refilled); a new iterator starts only where the
-        running one is not."""
+        per run, not at every epoch (each epoch still starts its own shuffle buffers, as before); a new
+        iterator starts only where the running one is not."""
         iterator, at = self._running
         if at != (epoch, start):
             self.train_stream.epoch, self.train_stream.skip = epoch, start * accum
