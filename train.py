@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data_prep.remote import redact_url
-from finetune import EXIT_PREEMPTED, UsageError, cli_main, distributed, simulated_delay
+from finetune import EXIT_PREEMPTED, UsageError, cli_main, dali, distributed, simulated_delay
 from finetune.arch import describe_preprocessing, preprocessing
 from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
 from finetune.config import Config, parse_config, save_config
@@ -91,6 +91,8 @@ def set_up(cfg: Config) -> Job:
     # Tracker settings and trackers.json, on every rank (all stop alike), before any data or model work.
     check_trackers(parse_log_with(cfg.log_with), cfg.run_dir(), print if accelerator.is_main_process else None)
     world = accelerator.num_processes
+    if cfg.per_gpu_batch:       # a throughput run: the global batch follows the number of processes
+        cfg.batch_size = cfg.per_gpu_batch * world
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {world} processes x "
                          f"{cfg.grad_accum} accumulation steps")
@@ -124,11 +126,25 @@ class Data:
     val_loader: torch.utils.data.DataLoader | None = None   # the manifest's val split, if it has one
     expected_val: int = 0
     class_weight: torch.Tensor | None = None                # --class-balance loss
+    _running: tuple = (None, None)                          # (the train loader's iterator, the (epoch, step) it is at)
 
     def batches(self, epoch: int, start: int, accum: int):
-        """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others)."""
-        self.train_stream.epoch, self.train_stream.skip = epoch, start * accum
-        return itertools.islice(iter(self.train_loader), (self.steps - start) * accum)
+        """The loader batches of `epoch` from optimizer step `start` on (a resumed epoch skips the others). One
+        iterator serves epoch after epoch (the streams are `continuous`): the loader workers are forked once
+        per run, not at every epoch (each epoch still starts its own shuffle buffers, as before); a new
+        iterator starts only where the running one is not."""
+        iterator, at = self._running
+        if at != (epoch, start):
+            self.train_stream.epoch, self.train_stream.skip = epoch, start * accum
+            iterator = iter(self.train_loader)
+        self._running = (iterator, None)
+        return self._take(iterator, (self.steps - start) * accum, epoch)
+
+    def _take(self, iterator, n: int, epoch: int):
+        for k, batch in enumerate(itertools.islice(iterator, n), 1):
+            if k == n:                  # the epoch was consumed whole: the iterator stands at the next one
+                self._running = (iterator, (epoch + 1, 0))
+            yield batch
 
 
 def make_data(job: Job) -> Data:
@@ -143,11 +159,16 @@ def make_data(job: Job) -> Data:
         steps = min(steps, cfg.max_steps_per_epoch)
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)
     pin = acc.device.type == "cuda"
-    train_stream = train_stream_for(cfg, manifest.train, rank=rank, world_size=world,
-                                    micro_batch=cfg.batch_size // (world * cfg.grad_accum),
-                                    accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
-                                    seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
-                                    decode_on=cfg.decode_on, augment_with=cfg.augment_with)
+    if cfg.loader == "dali":    # index files once per node (the local main process), then every rank's pipeline
+        distributed.agree(acc, dali.build_indexes([manifest.train]) if acc.is_local_main_process else None)
+        train_stream = dali.make_train_loader(job, manifest.train, steps=steps, threads=workers)
+    else:
+        train_stream = train_stream_for(cfg, manifest.train, rank=rank, world_size=world,
+                                        micro_batch=cfg.batch_size // (world * cfg.grad_accum),
+                                        accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
+                                        seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
+                                        decode_on=cfg.decode_on, augment_with=cfg.augment_with)
+        train_stream.continuous = True
 
     def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
         return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,
@@ -157,7 +178,8 @@ def make_data(job: Job) -> Data:
         return min(cfg.eval_limit or split.num_samples, split.num_samples)
 
     val = manifest.val
-    return Data(train_stream, make_loader(train_stream, workers, pin), eval_loader(manifest.test), steps,
+    train_loader = train_stream if cfg.loader == "dali" else make_loader(train_stream, workers, pin)
+    return Data(train_stream, train_loader, eval_loader(manifest.test), steps,
                 expected(manifest.test), eval_loader(val) if val else None, expected(val) if val else 0,
                 class_weight=class_weights(manifest.train.class_counts, cfg.class_balance, acc.device))
 
@@ -167,6 +189,8 @@ def make_normalizer(job: Job):
     --decode-on device)."""
     cfg, device = job.cfg, job.accelerator.device
     stats = dict(mean=job.preprocess["mean"], std=job.preprocess["std"])
+    if cfg.loader == "dali":    # DALI's batches arrive normalised; evaluation's uint8 ones are normalised here
+        return dali.FloatPassNormalizer(device, cfg.channels_last, **stats)
     return (DeviceDecoder(device, cfg.channels_last, cfg.image_size, **stats) if cfg.decode_on == "device"
             else DeviceNormalizer(device, cfg.channels_last, **stats))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import signal
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,6 +85,11 @@ class Config:
     epochs: int = _opt("number of epochs (d2l: 5)", type=_positive_int, default=5)
     batch_size: int = _opt("GLOBAL batch size per optimizer step, split evenly over all processes (d2l: 128)",
                            type=_positive_int, default=128)
+    per_gpu_batch: int = _opt("throughput runs: the global batch is this x the number of processes (instead of "
+                              "--batch-size), with the recipe's per-sample learning rate unchanged (--loss-reduction "
+                              "sum makes --lr apply per summed sample, so a larger batch takes a proportionally "
+                              "larger step: the linear-scaling rule); 0: off, use --batch-size",
+                              type=_nonneg_int, default=0)
     lr: float = _opt("backbone learning rate per global batch (d2l: 5e-5 fine-tuning; 5e-4 with --scratch "
                      "when not given)", type=_positive_float, default=None)
     head_lr_mult: float = _opt("the new head learns at lr x this (d2l: 10)", type=_positive_float, default=10.0)
@@ -145,6 +151,12 @@ class Config:
                              "the same crops and flips, ~1.5x the images per CPU core on 256-px shards; for GPU "
                              "nodes with few cores per GPU, docs/performance.md section 7)",
                              choices=("torchvision", "opencv"), default="torchvision")
+    loader: str = _opt("the training input pipeline: 'torchvision' (DataLoader workers, --decode-on and "
+                       "--augment-with apply) or 'dali' (NVIDIA DALI: reads the shards, decodes on the GPU with "
+                       "nvJPEG / the hardware JPEG decoder, CPU-only without one; crops, flips and normalises "
+                       "with the same recipe; needs `pip install nvidia-dali-cuda130`; evaluation stays on "
+                       "torchvision; docs/performance.md section 9)", choices=("torchvision", "dali"),
+                       default="torchvision")
     image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
                            "image_size*256/224 first", type=_positive_int, default=224)
     shuffle_buffer: int = _opt("samples in each worker's shuffle buffer", type=_nonneg_int, default=1000)
@@ -293,7 +305,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         cfg.eval_limit = cfg.eval_limit or 16
         cfg.workers = 0
         cfg.precision = "no"
-        cfg.data_order = "sequential"
+        cfg.data_order = "sequential" if cfg.loader == "torchvision" else cfg.data_order   # DALI: random only
         cfg.timing_warmup = min(cfg.timing_warmup, 1)
     if cfg.lr is None:
         cfg.lr = 5e-4 if cfg.scratch else 5e-5
@@ -313,6 +325,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if cfg.augment_with == "opencv" and cfg.decode_on == "device":
         parser.error("--augment-with opencv is for the loader workers (--decode-on cpu); with --decode-on device "
                      "the GPU decodes, crops and flips")
+    _check_batch_and_loader(cfg, parser, set(args) | set(values))
     parse_signals(cfg.preempt_signals)
     try:
         check_arch(cfg.arch)
@@ -321,6 +334,27 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if not cfg.data:
         parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
     return cfg
+
+
+def _check_batch_and_loader(cfg: Config, parser: argparse.ArgumentParser, given: set) -> None:
+    """--per-gpu-batch against --batch-size / --loss-reduction; --loader dali against the options that belong
+    to the torchvision path."""
+    if cfg.per_gpu_batch and "batch_size" in given:
+        parser.error("--per-gpu-batch sets the global batch (x the number of processes): drop --batch-size")
+    if cfg.per_gpu_batch and cfg.loss_reduction != "sum":
+        parser.error("--per-gpu-batch keeps the recipe's per-sample lr, which needs --loss-reduction sum; with mean, "
+                     "set --batch-size and scale --lr yourself")
+    if cfg.loader != "dali":
+        return
+    for bad, why in ((cfg.decode_on != "cpu", "--decode-on device (DALI decodes on the GPU itself)"),
+                     (cfg.augment_with != "torchvision", "--augment-with opencv (DALI crops and flips itself)"),
+                     (cfg.class_balance == "resample", "--class-balance resample (use --class-balance loss)"),
+                     (cfg.data_order != "random", "--data-order sequential (DALI reads in random order)")):
+        if bad:
+            parser.error(f"--loader dali does not take {why}; use --loader torchvision for it")
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        parser.error("--loader dali needs NVIDIA DALI, which is not installed: pip install 'hotdog-finetune[dali]' "
+                     "(i.e. pip install nvidia-dali-cuda130), or use --loader torchvision")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -223,8 +223,11 @@ def decode(data: bytes) -> torch.Tensor:
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)    # RandomResizedCrop's defaults (also finetune.dali's)
+
+
 def random_resized_crop_params(height: int, width: int, rng: random.Random,
-                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+                               scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling, driven by an explicit RNG (so it is seedable per sample)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -275,10 +278,19 @@ def opencv_batch(items: list[tuple[bytes, random.Random, int]], size: int):
     """(JPEG bytes, per-sample RNG, label) -> ([B,3,size,size] uint8 in channels_last layout, labels): each
     image is resized straight into its row of one HWC buffer; the permute is a view, and the device's
     .float() keeps that layout, which is the one the model wants anyway."""
-    images = np.empty((len(items), size, size, 3), np.uint8)
-    for row, (data, rng, _) in zip(images, items):
+    batch = batch_buffer((len(items), size, size, 3))
+    for row, (data, rng, _) in zip(batch.numpy(), items):
         train_sample_opencv(data, size, rng, out=row)
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.tensor([y for _, _, y in items], dtype=torch.long)
+    return batch.permute(0, 3, 1, 2), torch.tensor([y for _, _, y in items], dtype=torch.long)
+
+
+def batch_buffer(shape: tuple) -> torch.Tensor:
+    """An empty uint8 batch; in a loader worker, allocated in shared memory (as torch's default_collate does),
+    so handing it to the training process costs no copy into shared memory (docs/performance.md section 9)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _fast_libs():
@@ -423,7 +435,8 @@ class DeviceDecoder(DeviceNormalizer):
 
 def collate(samples: list[tuple[torch.Tensor, int]]):
     images, labels = zip(*samples)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    out = batch_buffer((len(images), *images[0].shape)) if images[0].dtype == torch.uint8 else None
+    return torch.stack(images, out=out), torch.tensor(labels, dtype=torch.long)
 
 
 def collate_raw(samples: list[tuple[tuple[torch.Tensor, list[int]], int]]):
@@ -464,7 +477,10 @@ class TrainStream(IterableDataset):
     decode_on:  "cpu" (default) yields (uint8 images, labels); "device" yields (RawJpegBatch, labels) with
                 the same crops and flips, to be decoded by DeviceDecoder on the training device.
     augment_with: for decode_on="cpu": "torchvision" (train_transform) or "opencv" (train_sample_opencv:
-                the same crops and flips, a cheaper resize, channels_last batches)."""
+                the same crops and flips, a cheaper resize, channels_last batches).
+    continuous: False (default): one epoch per iteration. True (train.py): epoch after epoch from `.epoch`
+                and `.skip` on, each cut to steps x accum loader batches, so that ONE DataLoader iterator
+                serves the whole run and its workers are forked once, not once per epoch."""
 
     def __init__(self, split: Split, *, rank: int, world_size: int, micro_batch: int, accum: int,
                  steps: int, image_size: int, seed: int, order: str, shuffle_buffer: int,
@@ -477,7 +493,7 @@ class TrainStream(IterableDataset):
         self.split, self.rank, self.world_size = split, rank, world_size
         self.micro_batch, self.accum, self.steps = micro_batch, accum, steps
         self.image_size, self.seed, self.order, self.shuffle_buffer = image_size, seed, order, shuffle_buffer
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.continuous = 0, 0, False
 
     def _random(self, worker: int, num_workers: int):
         rng = random.Random(f"shards-{self.seed}-{self.epoch}-{self.rank}-{worker}")
@@ -506,10 +522,24 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = _worker()
-        # The DataLoader takes batch i of an epoch from worker i % num_workers, starting at worker 0 on every
-        # iter(). After a resume that skipped `skip` batches, worker w must therefore produce what worker
-        # (w + skip) % num_workers would have: otherwise the same batches arrive in another order.
-        worker = (worker + self.skip) % num_workers
+        # The DataLoader takes batch n of an iterator from worker n % num_workers, starting at worker 0 on
+        # every iter(). After a resume that skipped `skip` batches, worker w must therefore produce what worker
+        # (w + skip) % num_workers would have: otherwise the same batches arrive in another order. Likewise
+        # for later epochs of a continuous iteration, shifted by the batches handed out before them.
+        if not self.continuous:
+            yield from self._epoch_batches((worker + self.skip) % num_workers, num_workers)
+            return
+        per_epoch, handed_out = self.steps * self.accum, 0
+        while True:         # in a loader worker: this worker's own copy of the stream advances
+            role = (worker - handed_out + self.skip) % num_workers
+            first = self.skip + (role - self.skip) % num_workers
+            yield from itertools.islice(self._epoch_batches(role, num_workers),
+                                        len(range(first, per_epoch, num_workers)))
+            handed_out += per_epoch - self.skip
+            self.epoch, self.skip = self.epoch + 1, 0
+
+    def _epoch_batches(self, worker: int, num_workers: int):
+        """This epoch's micro-batches i (>= skip) with i % num_workers == worker, in order."""
         source = self._random if self.order == "random" else self._sequential
         make_batch = self._batch_maker()
         batch = []
