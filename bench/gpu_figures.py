@@ -133,11 +133,12 @@ def batches_of(args, device):
     """(iterator of training batches, prefetch depth in batches) of the path under test."""
     batch, workers = args.batch[0], args.workers
     if args.path == "dali":
-        from finetune import dali                   # --loader dali (optional extra): its own iterator, or say so
-        if not hasattr(dali, "loader_only"):
-            result(kind="skip", why="finetune.dali has no loader_only(shards, batch, image_size, seed, workers)")
-            return None, 0
-        return iter(dali.loader_only(args.shards, batch, SIZE, 0, workers)), 2 * workers
+        from finetune import dali                   # --loader dali (optional extra): what train.py runs on a GPU
+        split = load_manifest(args.shards).train
+        dali.build_indexes([split])
+        spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, 1000, workers,
+                             device.index or 0 if device.type == "cuda" else None)
+        return iter(dali.DaliTrainLoader(spec)), 2                 # DALI prefetches 2 batches
     stream = TrainStream(load_manifest(args.shards).train, rank=0, world_size=1, micro_batch=batch, accum=1,
                          steps=1 << 30, image_size=SIZE, seed=0, order="random", shuffle_buffer=1000,
                          augment_with=args.path)
