@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.extras import check, require
+
 from . import UsageError, cli_main
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -74,7 +76,7 @@ class Exported:
         self.path, self.format = str(path), detect_format(path)
         try:
             if self.format == "onnx":
-                import onnxruntime as ort
+                ort = require("onnxruntime", f"{path}: an ONNX model")
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
                 self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
@@ -89,6 +91,8 @@ class Exported:
             else:
                 raise ValueError("not an exported model (a model.pt? use it directly)")
             self.meta = {k: json.loads(raw[k]) for k in META_KEYS if k in raw}
+        except UsageError:                            # a missing optional package: its own line
+            raise
         except Exception as e:  # noqa: BLE001 -- any runtime's load failure: one line
             raise UsageError(f"{path}: not a loadable {self.format} model ({type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_run(args) -> int:
     run_dir = Path(args.run_dir)
+    for module in ("onnx", "onnxruntime", "onnxscript") if args.format == "onnx" else ():
+        check(module, "--format onnx")               # before loading anything
     run = load_run(run_dir, args.ema, args.data)
     target = run_dir / FORMATS[args.format]
     if args.check_only and not target.is_file():
