@@ -136,6 +136,7 @@ def test_cache_cap_evicts_older_data_sets_and_refuses_what_cannot_fit(server, sh
         stage(srv.url + "/", tmp_path / "other-cache", total // 2, FAST)
 
 
+@pytest.mark.floor
 def test_train_py_reads_a_data_set_over_http(server, shards, imagenet_like, tmp_path):
     """train.py stages from a real HTTP server; the server is killed as soon as staging is done, while the run
     is still starting or training: the run goes on from the local copy (2 epochs, every test sample). A
@@ -173,6 +174,7 @@ def s3(monkeypatch):
     srv.stop()
 
 
+@pytest.mark.floor
 def test_data_prep_out_s3_then_stage_from_s3(s3, tmp_path, monkeypatch):
     import tempfile
 
