@@ -214,3 +214,45 @@ def test_an_import_error_inside_an_installed_package_keeps_its_own_message(tmp_p
         extras.require("absent_pkg", "--feature")
     with pytest.raises(extras.UsageError, match="absent-pkg"):
         extras.check("absent_pkg", "--feature")
+
+
+# --- the Makefile installs what changed, and CI runs both tiers ------------------------------------------------
+
+def make_n(root: Path, target: str) -> str:
+    proc = subprocess.run(["make", "-n", target], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_makefile_reinstalls_when_a_requirement_file_changes(tmp_path):
+    files = ["Makefile", "pyproject.toml", "requirements.txt", "requirements-test.txt", "requirements-floor.txt"]
+    for name in files:
+        (tmp_path / name).write_text((REPO / name).read_text())
+    stamps = [".venv/.installed", ".venv/.installed-test", ".venv-floor/.installed"]
+    for stamp in stamps:
+        (tmp_path / stamp).parent.mkdir(exist_ok=True)
+        (tmp_path / stamp).touch()
+
+    def age(newer: str | None = None):
+        for i, name in enumerate(files + stamps):          # each file older than the next: stamps are newest
+            os.utime(tmp_path / name, (1_000_000 + i, 1_000_000 + i))
+        if newer:
+            os.utime(tmp_path / newer, (2_000_000, 2_000_000))
+
+    installs = lambda out: re.findall(r"pip install -q -r (\S+)", out)    # noqa: E731
+    age()
+    assert installs(make_n(tmp_path, "test")) == [] and installs(make_n(tmp_path, "test-floor")) == []
+    age("pyproject.toml")
+    assert installs(make_n(tmp_path, "test")) == ["requirements.txt", "requirements-test.txt"]
+    assert installs(make_n(tmp_path, "demo")) == ["requirements.txt"]            # the default set only
+    age("requirements-test.txt")
+    assert installs(make_n(tmp_path, "test")) == ["requirements-test.txt"]
+    assert installs(make_n(tmp_path, "demo")) == []
+    age("requirements-floor.txt")
+    assert installs(make_n(tmp_path, "test-floor")) == ["requirements-floor.txt"]
+    assert "FLOOR_ENV=1 .venv-floor/bin/python -m pytest -q -m floor" in make_n(tmp_path, "test-floor")
+
+
+def test_ci_runs_the_suite_then_the_floor_tier():
+    lines = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()]
+    assert lines.index("make test") < lines.index("make test-floor")
