@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Callable, TypeVar
 
 from .errors import UsageError
+from .extras import require
 
 SCHEMES = ("http://", "https://", "s3://")
 T = TypeVar("T")
@@ -97,12 +98,13 @@ def join(root: str, name: str) -> str:
 
 def filesystem(url: str):
     """(fsspec filesystem, path) for `url`, with read timeouts (a hung server must not hang a job)."""
-    import fsspec
+    fsspec = require("fsspec", url)
     if url.startswith("s3://"):
+        require("s3fs", url)                           # fsspec's s3:// back end (it imports it by name)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         options = dict(endpoint_url=endpoint) if endpoint else {}
     else:
-        import aiohttp
+        aiohttp = require("aiohttp", url)
         limit = timeout_s()
         options = dict(client_kwargs=dict(timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(15.0, limit),
                                                                          sock_read=limit)))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.extras import check as check_extra
+
 from . import UsageError, atomic_write_text
 from .arch import check_name as check_arch
 from .trackers import parse_log_with
@@ -326,6 +328,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         parser.error("--augment-with opencv is for the loader workers (--decode-on cpu); with --decode-on device "
                      "the GPU decodes, crops and flips")
     _check_batch_and_loader(cfg, parser, set(args) | set(values))
+    for module in ("simplejpeg", "cv2") if cfg.augment_with == "opencv" else ():
+        check_extra(module, "--augment-with opencv")    # one line now, not a loader worker's traceback later
     parse_signals(cfg.preempt_signals)
     try:
         check_arch(cfg.arch)

@@ -35,6 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from data_prep.errors import UsageError
+from data_prep.extras import require
 from data_prep.manifest import file_sha256, read_manifest, shard_path, split_names
 
 from .arch import IMAGENET_MEAN, IMAGENET_STD
@@ -295,8 +296,8 @@ def batch_buffer(shape: tuple) -> torch.Tensor:
 
 def _fast_libs():
     """(simplejpeg, cv2), imported on first use; OpenCV single-threaded: each loader worker is one core."""
-    import cv2
-    import simplejpeg
+    cv2 = require("cv2", "--augment-with opencv")
+    simplejpeg = require("simplejpeg", "--augment-with opencv")
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
     return simplejpeg, cv2

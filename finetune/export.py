@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.extras import check, require
 from data_prep.fsutil import new_temp_file
 
 from . import UsageError, cli_main
@@ -108,6 +109,8 @@ class Exported:
             raise UsageError(f"{path}: {TRUST_HINT}")
         try:
             raw = self._load_onnx() if self.format == "onnx" else self._load_pt2()
+        except UsageError:                            # a missing optional package: its own line
+            raise
         except Exception as e:  # noqa: BLE001 -- any runtime's load failure: one line
             raise UsageError(f"{path}: not a loadable {self.format} model ({type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
@@ -123,7 +126,7 @@ class Exported:
             raise UsageError(f"{path}: {self.format} file without usable finetune.export metadata ({problem})")
 
     def _load_onnx(self) -> dict:
-        import onnxruntime as ort
+        ort = require("onnxruntime", f"{self.path}: an ONNX model")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
@@ -363,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_run(args) -> int:
     run_dir = Path(args.run_dir)
+    for module in ("onnx", "onnxruntime", "onnxscript") if args.format == "onnx" else ():
+        check(module, "--format onnx")               # before loading anything
     run = load_run(run_dir, args.ema, args.data)
     target = run_dir / FORMATS[args.format]
     if args.check_only and not target.is_file():

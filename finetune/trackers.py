@@ -14,13 +14,14 @@ past --collective-timeout that reads as a dead peer."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import sys
 import threading
 import uuid
 from pathlib import Path
+
+from data_prep.extras import check
 
 from . import UsageError, atomic_write_text
 
@@ -43,9 +44,8 @@ def parse_log_with(text: str) -> tuple[str, ...]:
         raise UsageError(f"--log-with: unknown tracker '{unknown[0]}' (choose from {', '.join(KNOWN)})")
     for name in names:
         package = PACKAGES.get(name)
-        if package and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--log-with {name}: the '{package}' package is not installed "
-                             f"(pip install {package}), or drop {name} from --log-with")
+        if package:
+            check(package, f"--log-with {name}")      # one line naming the extra that installs it
     return names
 
 

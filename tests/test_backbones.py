@@ -161,6 +161,7 @@ def test_other_architectures_train_one_epoch(shards, tmp_path, arch):
 
 
 @needs_lite0
+@pytest.mark.floor
 def test_lite0_imagenet_offline_run_and_predict(shards, tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--arch", weights.LITE0_ARCH,

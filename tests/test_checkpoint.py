@@ -44,6 +44,7 @@ def assert_same_weights(a, b):
         assert not different, (key, different[:5])
 
 
+@pytest.mark.floor
 def test_keeps_the_last_k_and_no_best_without_a_val_split(reference):
     assert ckpts(reference) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]   # --keep-last 3
     assert not (reference / "checkpoints" / "best.pt").exists()      # the test set never chooses
@@ -69,6 +70,7 @@ def test_best_is_chosen_on_val_even_when_test_disagrees(tmp_path):
     assert (saved.best_epoch, saved.epochs_since_best, saved.stopped_early) == (3, 1, False)
 
 
+@pytest.mark.floor
 def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]

@@ -178,6 +178,7 @@ def test_opencv_augment_draws_the_same_crops_and_flips_as_torchvision(tmp_path):
     assert (images.float() - torch.stack(theirs).float()).abs().mean() < 1.5
 
 
+@pytest.mark.floor
 def test_train_stream_with_opencv_gives_the_same_samples_and_labels(shards):
     split = load_manifest(shards).train
     for (x, y), (x2, y2), _ in zip(TrainStream(split, **train_kw()),

@@ -140,6 +140,7 @@ def test_synthetic_is_learnable_by_a_small_cnn(tmp_path):
 # --------------------------------------------------------------------------- prepare: the happy path
 
 
+@pytest.mark.floor
 def test_folder_to_shards_round_trip(src, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = run(capsys, "--source", src, "--out", out, "--samples-per-shard", 4, "--workers", 1)
@@ -522,6 +523,7 @@ def test_d2l_download_sha1_check_and_success(src, tmp_path, capsys, monkeypatch)
 # --------------------------------------------------------------------------- verify
 
 
+@pytest.mark.floor
 def test_verify_catches_tampering(src, tmp_path, capsys):
     out = tmp_path / "out"
     prepare(src, out, samples_per_shard=4, workers=1, log=lambda _: None)

@@ -73,6 +73,7 @@ def no_weights_one_failing(shards, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.floor
 def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, imagenet_like):
     out, proc = with_weights
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -47,6 +47,7 @@ def _stderr_lines(capsys) -> list[str]:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.floor
 def test_export_passes_parity_and_embeds_metadata(run_dir, fmt, capsys):
     assert fexport.main([str(run_dir), "--format", fmt]) == 0
     out = capsys.readouterr().out
@@ -160,6 +161,7 @@ def _predict_json(capsys, model: str, root, *extra) -> dict:
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.floor
 def test_predict_on_exported_file_matches_model_pt(run_dir, fmt, tmp_path, capsys):
     target = run_dir / fexport.FORMATS[fmt]
     if not target.exists():

@@ -98,6 +98,7 @@ def test_torchrun_two_nodes_static_rendezvous(shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.floor
 def test_torchrun_forwards_usr1_and_workers_checkpoint(shards, tmp_path):
     """torchrun handles only TERM/INT/HUP/QUIT by default; torchrun.sh adds USR1 (--signals-to-handle).
     USR1 to the launcher -> both workers checkpoint and exit 75 (the launcher itself then exits 1)."""

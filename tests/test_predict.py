@@ -169,6 +169,7 @@ def test_tta_flip_averages_the_image_and_its_mirror(trained, photos):
     assert dict(flipped) != dict(plain)
 
 
+@pytest.mark.floor
 def test_command_line_script(trained, photos):
     root, _ = photos
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -178,6 +179,7 @@ def test_command_line_script(trained, photos):
     assert len(_rows(proc.stdout)) == 5 and "broken.jpg" in proc.stderr
 
 
+@pytest.mark.floor
 def test_accuracy_on_the_source_photos_equals_train_pys_test_accuracy(trained, shards, capsys):
     """The shards' test split holds the source JPEGs byte for byte, so predict.py on the source folder must
     reproduce the test accuracy train.py measured: same decode, same eval preprocessing, same model."""

@@ -380,6 +380,7 @@ def test_fetch_mirror_refuses_an_oversized_file_before_writing_it(tmp_path, monk
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
+@pytest.mark.floor
 def test_train_py_reads_a_data_set_over_http(server, shards, imagenet_like, tmp_path):
     """train.py stages from a real HTTP server; the server is killed as soon as staging is done, while the run
     is still starting or training: the run goes on from the local copy (2 epochs, every test sample). A
@@ -423,6 +424,7 @@ def s3(monkeypatch):
     srv.stop()
 
 
+@pytest.mark.floor
 def test_data_prep_out_s3_then_stage_from_s3(s3, tmp_path, monkeypatch):
     import tempfile
 

@@ -114,6 +114,7 @@ def wandb_history(path, tag):
     return run_id, steps
 
 
+@pytest.mark.floor
 def test_mlflow_and_wandb_continue_the_same_run_after_a_resume(shards, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
@@ -165,5 +166,6 @@ def test_bad_tracker_is_one_line_before_anything_is_written(shards, tmp_path, mo
     from finetune.config import parse_config
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(UsageError, match=r"--log-with wandb: the 'wandb' package is not installed \(pip install wandb\)"):
+    with pytest.raises(UsageError, match=r"--log-with wandb needs the optional package 'wandb' "
+                                         r"\(the 'trackers' extra\): pip install -e '\.\[trackers\]'"):
         parse_config(["--data", str(shards), "--log-with", "wandb"])

@@ -30,6 +30,7 @@ def ddp_run(shards, imagenet_like, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.floor
 def test_two_processes_really_run_ddp(ddp_run):
     run_dir, proc = ddp_run
     assert "world_size=2 " in proc.stdout and "backend=gloo" in proc.stdout
@@ -49,6 +50,7 @@ def test_two_processes_really_run_ddp(ddp_run):
     assert param_digest(model) == digests.pop()
 
 
+@pytest.mark.floor
 def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
     run_dir, _ = ddp_run
     manifest = read_json(shards / "manifest.json")
@@ -60,6 +62,7 @@ def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
     assert metrics["final"]["epoch"] == 2 and metrics["world_size"] == 2
 
 
+@pytest.mark.floor
 def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
     run_dir, _ = ddp_run
     events = EventAccumulator(str(run_dir / "tb"))
