@@ -104,6 +104,7 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
             note_skipped_step(state, accelerator, monitor)
             timer.step_done()
         bar.update(1)
+        monitor.progress(state, steps, timer, cfg)       # one plain line every --log-every-s in non-terminal logs
         if step == start:
             distributed.steady()     # past the first step (compilation, autotuning): hung ranks fail fast
 
