@@ -222,18 +222,18 @@ def _take_lock(run_dir: Path) -> str | None:
                 f"--output-dir / --name")
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "-"
     fh.seek(0)
-    created.append(fh.read())       # an earlier job's line: put back if this start is refused
+    earlier = fh.read()             # an earlier job's line: put back if this start is refused
     fh.seek(0)
     fh.truncate()
     fh.write(f"host {socket.gethostname()} pid {os.getpid()} job {job}\n")
     fh.flush()
     _RUN_LOCK[str(run_dir.resolve())] = fh
-    _CREATED[str(run_dir.resolve())] = created
+    _CREATED[str(run_dir.resolve())] = (created, earlier)
     return None
 
 
-_CREATED = {}       # run directory -> what taking its lock created (.lock, directories, deepest first), and
-                    # the .lock's earlier content last
+_CREATED = {}       # run directory -> (what taking its lock created: .lock, directories deepest first;
+                    #                 the .lock's earlier content)
 
 
 @contextlib.contextmanager
@@ -247,7 +247,7 @@ def leave_nothing_if_refused(run_dir: Path):
         key = str(Path(run_dir).resolve())
         fh = _RUN_LOCK.pop(key, None)
         if fh is not None:
-            *created, earlier = _CREATED.pop(key)
+            created, earlier = _CREATED.pop(key)
             fh.seek(0)
             fh.truncate()
             fh.write(earlier)
