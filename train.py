@@ -23,39 +23,46 @@ import itertools
 import sys
 from dataclasses import dataclass
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from finetune import EXIT_PREEMPTED, UsageError, cli_main
+from finetune.config import Config, check_names, parse_config, parse_or_exit, save_config
 
-from data_prep.remote import redact_url
-from finetune import EXIT_PREEMPTED, UsageError, cli_main, dali, distributed, simulated_delay
-from finetune.arch import describe_preprocessing, preprocessing
-from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity
-from finetune.config import Config, parse_config, save_config
+# Parse before importing torch (seconds): --help and usage errors answer at once.
+CONFIG = parse_or_exit() if __name__ == "__main__" else None
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+
+from data_prep.remote import redact_url  # noqa: E402
+from finetune import dali, distributed, launcher, simulated_delay  # noqa: E402
+from finetune.arch import describe_preprocessing, preprocessing  # noqa: E402
+from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity  # noqa: E402
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
-                           check_shards, load_manifest, make_loader, train_stream_for)
-from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch
-from finetune.model import build_model, build_optimizer
-from finetune.monitor import Monitor
-from finetune.remote import stage_data
-from finetune.tracker_checks import check_trackers
-from finetune.trackers import parse_log_with
+                           check_shards, load_manifest, make_loader, train_stream_for)  # noqa: E402
+from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
+from finetune.model import build_model, build_optimizer  # noqa: E402
+from finetune.monitor import Monitor  # noqa: E402
+from finetune.remote import stage_data  # noqa: E402
+from finetune.tracker_checks import check_trackers  # noqa: E402
+from finetune.trackers import parse_log_with  # noqa: E402
 
 
 def run(cfg: Config) -> int:
     """The steps of a run, in order. Each returns what the later ones need."""
     # First: a preemption signal during start-up (model download, checkpoint load) must not kill the job.
     preempt = PreemptionFlag(cfg.preempt_signals)
-    job = set_up(cfg)
-    data = make_data(job)
-    normalize = make_normalizer(job)
-    model, optimizer, weights = build_model_and_optimizer(job)
-    ema = make_ema(job.accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay)
-    splits = [job.manifest.train, job.manifest.test] + ([job.manifest.val] if job.manifest.val else [])
-    checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
-                                cfg.to_dict(), run_identity(job.manifest.classes, [s for x in splits for s in x.shards]),
-                                ema=ema)
-    state = resume(job, checkpointer)
+    check_names(cfg)
+    with distributed.leave_nothing_if_refused(cfg.run_dir()):    # a refused start: the directory as it was
+        job = set_up(cfg)
+        data = make_data(job)
+        normalize = make_normalizer(job)
+        model, optimizer, weights = build_model_and_optimizer(job)
+        ema = make_ema(job.accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay)
+        splits = [job.manifest.train, job.manifest.test] + ([job.manifest.val] if job.manifest.val else [])
+        checkpointer = Checkpointer(job.accelerator, model, optimizer, job.run_dir / "checkpoints", cfg.keep_last,
+                                    cfg.to_dict(), run_identity(job.manifest.classes, [s for x in splits for s in x.shards]),
+                                    ema=ema)
+        state = resume(job, checkpointer)
     if fit(job, data, model, optimizer, normalize, checkpointer, state, weights, preempt) == EXIT_PREEMPTED:
         job.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         job.accelerator.end_training()     # destroys the process group on this exit path too
@@ -87,7 +94,9 @@ class Job:
 
 
 def set_up(cfg: Config) -> Job:
-    accelerator = distributed.setup(cfg)
+    launch = launcher.decide(cfg)      # accelerate's own mixed_precision / dynamo_backend vs --precision / --compile
+    cfg.precision, cfg.compile = launch.precision, launch.dynamo_backend != "no"
+    accelerator = distributed.setup(cfg, dynamo_backend=launch.dynamo_backend)
     # Tracker settings and trackers.json, on every rank (all stop alike), before any data or model work.
     check_trackers(parse_log_with(cfg.log_with), cfg.run_dir(), print if accelerator.is_main_process else None)
     world = accelerator.num_processes
@@ -102,8 +111,9 @@ def set_up(cfg: Config) -> Job:
                          f"with --val-fraction F (e.g. 0.1), or drop --patience")
     distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
     who = distributed.describe(accelerator, cfg.run_dir())
-    simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
+    for note in launch.notes:
+        monitor.print(note)
     monitor.print(f"world_size={who['world_size']} nodes={who['nodes']} devices=[{', '.join(who['devices'])}] "
                   f"backend={who['backend']} precision={who['precision']}")
     preprocess = preprocessing(cfg.arch, cfg.image_size)
@@ -226,6 +236,8 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
     if job.accelerator.is_main_process:
         save_config(job.cfg, job.run_dir / "config.yaml")
     job.monitor.open(state.global_step, job.cfg.to_dict())      # trackers start where the checkpoint stands
+    distributed.write_rank_file(job.run_dir, job.who["me"])     # after every refusal: the start is accepted
+    simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
     return state
 
 
@@ -353,9 +365,9 @@ def choose_model(job: Job, checkpointer: Checkpointer, state: TrainState):
             ema.module.state_dict() if main and ema is not None else None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     # Bad flags: argparse prints usage + one line, exit 2. A UsageError: one line, exit 2 (cli_main).
-    return cli_main("train.py", lambda: run_explaining_dead_peers(parse_config(argv)))
+    return cli_main("train.py", lambda: run_explaining_dead_peers(cfg or parse_config(argv)))
 
 
 def run_explaining_dead_peers(cfg) -> int:
@@ -370,4 +382,4 @@ def run_explaining_dead_peers(cfg) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cfg=CONFIG))

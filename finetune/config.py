@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import re
 import signal
+import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,8 +18,8 @@ import yaml
 
 from data_prep.extras import check as check_extra
 
-from . import UsageError, atomic_write_text
-from .arch import check_name as check_arch
+# No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
+from . import UsageError, atomic_write_text, cli_main
 from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -81,7 +84,9 @@ class Config:
     cache_dir: str = _opt("where a remote --data is staged (default: $TMPDIR/hotdog-shards)", default="")
     cache_size_gb: float = _opt("cap on --cache-dir: older staged data sets are evicted to stay below it",
                                 type=_positive_float, default=100.0)
-    name: str = _opt("run name; the run directory defaults to runs/<name>", default="hotdog-resnet18")
+    name: str = _opt("run name; the run directory is runs/<name> (default: hotdog-<arch>, e.g. hotdog-resnet18 or "
+                     "hotdog-timm-tf_efficientnet_lite0; --debug appends -debug-<UTC time>: a fresh directory "
+                     "each time)", default="")
     output_dir: str = _opt("run directory (default: runs/<name> under the current directory)", default="")
     # ---- the d2l recipe ---------------------------------------------------------------------------------
     epochs: int = _opt("number of epochs (d2l: 5)", type=_positive_int, default=5)
@@ -92,10 +97,10 @@ class Config:
                               "sum makes --lr apply per summed sample, so a larger batch takes a proportionally "
                               "larger step: the linear-scaling rule); 0: off, use --batch-size",
                               type=_nonneg_int, default=0)
-    lr: float = _opt("backbone learning rate per global batch (d2l: 5e-5 fine-tuning; 5e-4 with --scratch "
-                     "when not given)", type=_positive_float, default=None)
+    lr: float = _opt("backbone learning rate per global batch (default: 5e-5 as in d2l's fine-tuning; 5e-4 with "
+                     "--scratch)", type=_positive_float, default=None)
     head_lr_mult: float = _opt("the new head learns at lr x this (d2l: 10)", type=_positive_float, default=10.0)
-    weight_decay: float = _opt("SGD weight decay (d2l: 1e-3, on all parameters)", type=_nonneg_float,
+    weight_decay: float = _opt("SGD weight decay (d2l: 0.001, on all parameters)", type=_nonneg_float,
                                default=1e-3)
     momentum: float = _opt("SGD momentum (d2l: 0)", type=_nonneg_float, default=0.0)
     decay_norm_bias: bool = _opt("apply weight decay to normalisation-layer weights and biases too (d2l); "
@@ -138,10 +143,13 @@ class Config:
                               "by N / (C x count), 'resample' draws every class equally often (--data-order "
                               "random)", choices=("none", "loss", "resample"), default="none")
     # ---- speed ----------------------------------------------------------------------------------------
-    precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: bf16 only with native "
-                          "bf16 kernels, else no), no, fp16 (GPU only), bf16", choices=PRECISIONS, default="auto")
+    precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: fp32 or bf16, whichever "
+                          "a few timed steps of this model find faster, cached per CPU), no, fp16 (GPU only), bf16. "
+                          "Not given: accelerate's mixed_precision (accelerate config / launch --mixed_precision) "
+                          "if it is fp16 or bf16", choices=PRECISIONS, default="auto")
     channels_last: bool = _opt("use the channels_last memory format (faster convolutions)", default=True)
-    compile: bool = _opt("torch.compile the model", default=False)
+    compile: bool = _opt("torch.compile the model (inductor). Not given: accelerate's dynamo_backend "
+                         "(accelerate config / launch --dynamo_backend) if it names one", default=False)
     workers: int = _opt("data loader worker processes per process (-1: auto from the CPUs per process)",
                         type=int, default=-1)
     decode_on: str = _opt("where training JPEGs are decoded: 'cpu' (the loader workers) or 'device' (one batched "
@@ -162,7 +170,7 @@ class Config:
     image_size: int = _opt("training crop / eval centre crop in pixels (d2l: 224); eval resizes to "
                            "image_size*256/224 first", type=_positive_int, default=224)
     shuffle_buffer: int = _opt("samples in each worker's shuffle buffer", type=_nonneg_int, default=1000)
-    data_order: str = _opt("'random': resampled shards and a shuffle buffer per worker (fast, the default); "
+    data_order: str = _opt("'random': resampled shards and a shuffle buffer per worker (fast); "
                            "'sequential': the manifest order, split into the same global batches whatever "
                            "the number of processes (reproducible across world sizes, for debugging)",
                            choices=("random", "sequential"), default="random")
@@ -175,6 +183,9 @@ class Config:
     tta: str = _opt("test-time augmentation for evaluation: 'flip' averages the probabilities of each image and "
                     "its mirror", choices=("none", "flip"), default="none")
     log_every: int = _opt("log train loss/acc to TensorBoard every N steps", type=_positive_int, default=10)
+    log_every_s: float = _opt("when the output is not a terminal (Slurm logs, pipes; tqdm draws only on one): "
+                              "print one progress line (epoch, step, loss, examples/s, data wait, ETA) every N "
+                              "seconds (0: every step)", type=_nonneg_float, default=30.0)
     log_with: str = _opt("comma-separated experiment trackers: tensorboard (RUN_DIR/tb), mlflow "
                          "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_MODE, WANDB_PROJECT); their "
                          "run ids are kept in RUN_DIR/trackers.json so a resumed or requeued job continues the "
@@ -200,12 +211,12 @@ class Config:
                                 default=1800)
     # ---- debug ----------------------------------------------------------------------------------------
     debug: bool = _opt("single-process smoke run: 2 epochs x 3 steps of batch 8 at 112 px, 16 test images, "
-                       "workers 0, fp32, anomaly detection, deterministic algorithms (explicit flags win)",
-                       default=False)
+                       "workers 0, fp32, sequential data, anomaly detection, deterministic algorithms, a fresh "
+                       "run directory each time (every flag given explicitly wins)", default=False)
 
     # -----------------------------------------------------------------------------------------------------
     def run_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        return Path(self.output_dir) if self.output_dir else Path("runs") / (self.name or default_name(self.arch))
 
     def to_dict(self) -> dict:
         """What is recorded (config.yaml, checkpoints, tracker params): a --data URL's credentials hidden."""
@@ -217,24 +228,77 @@ def _flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+# --help in groups by concern: (title, one line on the group, the Config fields in it, in help order).
+HELP_GROUPS = (
+    ("data", "the shards and how they are read", ("data", "cache_dir", "cache_size_gb", "image_size", "data_order",
+                                                   "shuffle_buffer", "class_balance")),
+    ("model and weights", None, ("arch", "pretrained", "scratch", "freeze_backbone", "head_init", "freeze_bn",
+                                 "sync_bn")),
+    ("optimisation", "defaults: the d2l recipe", ("epochs", "batch_size", "per_gpu_batch", "lr", "head_lr_mult", "weight_decay",
+                                                   "momentum", "decay_norm_bias", "loss_reduction", "schedule",
+                                                   "warmup_steps", "step_epochs", "gamma", "grad_accum",
+                                                   "clip_grad", "ema_decay", "seed")),
+    ("speed", None, ("precision", "channels_last", "compile", "workers", "loader", "decode_on",
+                     "augment_with")),
+    ("run, evaluation and checkpoints", None, ("name", "output_dir", "resume", "save_every", "keep_last",
+                                               "max_steps_per_epoch", "eval_limit", "patience", "tta", "debug")),
+    ("monitoring", None, ("log_every", "log_every_s", "log_with", "timing_warmup")),
+    ("cluster", "launchers, preemption and dead ranks (docs/cluster.md)", ("preempt_signals", "collective_timeout",
+                                                                          "startup_timeout")),
+)
+REQUIRED = ("data",)      # not argparse-required: --config's YAML may give it
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """A field's help with its default said once: '(d2l: X' becomes '(default: X, as in d2l' and '(X: meaning'
+    '(default X: meaning' when X is the default; no default for required options, nor for empty or None
+    defaults (their help says what happens then)."""
+    text = f.metadata["help"]
+    if f.name in REQUIRED:
+        return text + " (required, here or in --config)"
+    if f.default in (None, "") or "(default" in text:
+        return text
+    shown = _shown(f.default)
+    for said, default in ((f"(d2l: {shown}", f"(default: {shown}, as in d2l"), (f"({shown}: ", f"(default {shown}: ")):
+        if said in text:            # the help already names the default's value: say once that it is the default
+            return text.replace(said, default, 1)
+    return f"{text} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py",
+        prog="train.py", usage="%(prog)s --data SHARDS [options]",
         description="Fine-tune an ImageNet-pretrained backbone (d2l: ResNet-18) on hotdog / not-hotdog shards "
-                    "(d2l recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
-    for f in fields(Config):
-        md = f.metadata
-        if f.type in ("bool", bool):
-            # --x / --no-x, so a YAML 'true' can be switched off from the command line
-            parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=md["help"] + f" (default: {f.default})")
-        else:
-            parser.add_argument(_flag(f), dest=f.name, type=md["type"] or str, choices=md["choices"],
-                                default=argparse.SUPPRESS, metavar=None if md["choices"] else f.name.upper(),
-                                help=md["help"] + f" (default: {f.default})")
+                    "(d2l recipe). Run it with python, accelerate launch, torchrun or slurm/finetune.sh.",
+        epilog="Every option can also come from --config YAML (the same names, - or _); the command line wins.")
+    known = {f.name: f for f in fields(Config)}
+    grouped = [name for _, _, names in HELP_GROUPS for name in names]
+    extra = [name for name in known if name not in grouped]      # a new field nobody grouped yet: still a flag
+    for title, description, names in HELP_GROUPS + ((("more options", None, tuple(extra)),) if extra else ()):
+        group = parser.add_argument_group(title, description)
+        for name in names:
+            _add_flag(group, known[name])
+        if title.startswith("run"):
+            group.add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
     return parser
+
+
+def _add_flag(group, f: dataclasses.Field) -> None:
+    md = f.metadata
+    if f.type in ("bool", bool):
+        # --x / --no-x, so a YAML 'true' can be switched off from the command line
+        group.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text(f))
+    else:
+        group.add_argument(_flag(f), dest=f.name, type=md["type"] or str, choices=md["choices"],
+                           default=argparse.SUPPRESS, metavar=None if md["choices"] else f.name.upper(),
+                           help=help_text(f))
 
 
 def _from_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -290,25 +354,23 @@ def _typed(f: dataclasses.Field, value):
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """Defaults < YAML file < command line; then derived defaults and cross-field checks."""
+    """Defaults < YAML file < command line; then derived defaults and cross-field checks. Imports no torch
+    (the --arch name is checked by check_names(), once the run starts). The returned config's `explicit`
+    attribute names the options the user gave (flag or YAML): train.py lets them win over accelerate's own
+    settings (finetune/launcher.py)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     values = _from_yaml(args.pop("config"), parser) if args.get("config") else {}
     args.pop("config", None)
     values.update(args)
     cfg = Config(**values)
+    given = set(values)
+    if not cfg.data:
+        parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
     if cfg.debug:
-        # A smoke run: small and deterministic. Explicit flags still win for the sizes.
-        given = set(args) | set(values)
-        cfg.epochs = cfg.epochs if "epochs" in given else 2
-        cfg.batch_size = cfg.batch_size if "batch_size" in given else 8
-        cfg.image_size = cfg.image_size if "image_size" in given else 112   # anomaly mode is slow: keep it small
-        cfg.max_steps_per_epoch = cfg.max_steps_per_epoch or 3
-        cfg.eval_limit = cfg.eval_limit or 16
-        cfg.workers = 0
-        cfg.precision = "no"
-        cfg.data_order = "sequential" if cfg.loader == "torchvision" else cfg.data_order   # DALI: random only
-        cfg.timing_warmup = min(cfg.timing_warmup, 1)
+        apply_debug(cfg, given)
+    if not cfg.name:
+        cfg.name = default_name(cfg.arch, cfg.debug and not cfg.output_dir)
     if cfg.lr is None:
         cfg.lr = 5e-4 if cfg.scratch else 5e-5
     if cfg.scratch and cfg.pretrained not in ("imagenet", "none"):
@@ -327,16 +389,11 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if cfg.augment_with == "opencv" and cfg.decode_on == "device":
         parser.error("--augment-with opencv is for the loader workers (--decode-on cpu); with --decode-on device "
                      "the GPU decodes, crops and flips")
-    _check_batch_and_loader(cfg, parser, set(args) | set(values))
+    _check_batch_and_loader(cfg, parser, given)
     for module in ("simplejpeg", "cv2") if cfg.augment_with == "opencv" else ():
         check_extra(module, "--augment-with opencv")    # one line now, not a loader worker's traceback later
     parse_signals(cfg.preempt_signals)
-    try:
-        check_arch(cfg.arch)
-    except UsageError as e:
-        parser.error(str(e))
-    if not cfg.data:
-        parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
+    cfg.explicit = frozenset(given)
     return cfg
 
 
@@ -359,6 +416,43 @@ def _check_batch_and_loader(cfg: Config, parser: argparse.ArgumentParser, given:
     if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
         parser.error("--loader dali needs NVIDIA DALI, which is not installed: pip install 'hotdog-finetune[dali]' "
                      "(i.e. pip install nvidia-dali-cuda130), or use --loader torchvision")
+
+
+DEBUG = dict(epochs=2, batch_size=8, image_size=112,      # anomaly mode is slow: keep it small
+             max_steps_per_epoch=3, eval_limit=16, workers=0, precision="no", data_order="sequential")
+
+
+def apply_debug(cfg: Config, given: set) -> None:
+    """--debug: a small deterministic smoke run. Every option the user gave (flag or YAML) keeps its value;
+    the precision counts as given (the smoke run's fp32 beats accelerate's mixed_precision)."""
+    for name, value in DEBUG.items():
+        if name not in given and not (name == "data_order" and cfg.loader == "dali"):   # DALI: random order only
+            setattr(cfg, name, value)
+    if "timing_warmup" not in given:
+        cfg.timing_warmup = min(cfg.timing_warmup, 1)
+    given.add("precision")
+
+
+def default_name(arch: str, fresh: bool = False) -> str:
+    """hotdog-<arch> with anything but letters, digits, '.', '_' and '-' made '-' (timm:x -> timm-x); `fresh`
+    (--debug) appends -debug-<UTC time>, so re-running a smoke test never meets the last one's checkpoints."""
+    name = "hotdog-" + re.sub(r"[^A-Za-z0-9._-]+", "-", arch).strip("-").lower()
+    return name + time.strftime("-debug-%Y%m%d-%H%M%S", time.gmtime()) if fresh else name
+
+
+def check_names(cfg: Config) -> None:
+    """The checks that need torch (the --arch name against torchvision's / timm's model lists): one line."""
+    from .arch import check_name
+    check_name(cfg.arch)
+
+
+def parse_or_exit(argv: list[str] | None = None) -> Config:
+    """parse_config for train.py's __main__, before torch is imported: --help exits 0, a usage error exits 2."""
+    parsed = []
+    code = cli_main("train.py", lambda: parsed.append(parse_config(argv)) or 0)
+    if not parsed:
+        sys.exit(code)
+    return parsed[0]
 
 
 def save_config(cfg: Config, path: Path) -> None:

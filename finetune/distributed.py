@@ -63,8 +63,9 @@ def check_one_device_per_rank(local_world_size: int, gpus: int, visible: str | N
                          f"(accelerate launch --num_processes / torchrun --nproc_per_node {gpus} per node)")
 
 
-def setup(cfg) -> Accelerator:
-    """One Accelerator for every way in: python, accelerate launch, torchrun, srun."""
+def setup(cfg, dynamo_backend: str | None = None) -> Accelerator:
+    """One Accelerator for every way in: python, accelerate launch, torchrun, srun. `dynamo_backend`: what
+    finetune.launcher decided (default: inductor with --compile, else none)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.debug and world > 1:
         raise UsageError(f"--debug runs one process; this launch started {world} (use python train.py --debug)")
@@ -87,11 +88,14 @@ def setup(cfg) -> Accelerator:
     # The process state first: it sets this rank's device, so the precision probe reads this rank's GPU.
     state = PartialState(cpu=cpu, **process_group.to_kwargs())
     precision = resolve_precision(cfg.precision, state.device)
+    if cfg.precision == "auto" and precision == "bf16" and state.device.type == "cpu":
+        from .precision import measured_cpu_precision      # bf16 kernels exist; whether they win, timing says
+        precision = measured_cpu_precision(cfg, state)
     scaler = GradScalerKwargs(init_scale=loss_scale_start(cfg, state.num_processes))
     return Accelerator(
         cpu=cpu,
         mixed_precision=precision,
-        dynamo_backend="inductor" if cfg.compile else None,
+        dynamo_backend=dynamo_backend or ("inductor" if cfg.compile else "no"),
         kwargs_handlers=[process_group, scaler],
     )
 
@@ -162,13 +166,13 @@ def node_rank() -> int:
 
 
 def describe(accelerator: Accelerator, run_dir: Path) -> dict:
-    """Each rank records who it is (ranks/rank-N.json; the launch tests read these) and all ranks learn
-    every rank's device and host, for the first log line and the d2l-style 'on [devices]' line."""
+    """Each rank learns who it is (train.py writes it to ranks/rank-N.json once the start is accepted; the
+    launch tests read these) and every rank's device and host, for the first log line and the d2l-style
+    'on [devices]' line."""
     me = dict(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
               world_size=accelerator.num_processes, node_rank=node_rank(), hostname=socket.gethostname(),
               device=str(accelerator.device), pid=os.getpid(),
               cpus=len(os.sched_getaffinity(0)))        # the CPUs this process may run on (Slurm binding)
-    write_rank_file(run_dir, me)
     everyone = gather(me, accelerator.num_processes)
     return dict(me=me, world_size=accelerator.num_processes,
                 nodes=len({(r["hostname"], r["node_rank"]) for r in everyone}),
@@ -215,6 +219,9 @@ def _take_lock(run_dir: Path) -> str | None:
     key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir.absolute())
     if key in _RUN_LOCK:
         return None
+    created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]   # deepest first
+    if not (run_dir / ".lock").exists():
+        created.insert(0, run_dir.absolute() / ".lock")
     run_dir.mkdir(parents=True, exist_ok=True)
     fh = open(run_dir / ".lock", "a+")
     try:
@@ -227,11 +234,40 @@ def _take_lock(run_dir: Path) -> str | None:
                 f"--output-dir / --name")
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "-"
     fh.seek(0)
+    earlier = fh.read()             # an earlier job's line: put back if this start is refused
+    fh.seek(0)
     fh.truncate()
     fh.write(f"host {socket.gethostname()} pid {os.getpid()} job {job}\n")
     fh.flush()
     _RUN_LOCK[str(run_dir.resolve())] = fh
+    _CREATED[str(run_dir.resolve())] = (created, earlier)
     return None
+
+
+_CREATED = {}       # run directory -> (what taking its lock created: .lock, directories deepest first;
+                    #                 the .lock's earlier content)
+
+
+@contextlib.contextmanager
+def leave_nothing_if_refused(run_dir: Path):
+    """Around a run's start: on a UsageError (a refusal), give up the lock and remove what taking it created
+    -- the .lock file, and the run directory (and parents) if this job made them and they are still empty --
+    so a refused start leaves the directory as it found it."""
+    try:
+        yield
+    except UsageError:
+        key = str(Path(run_dir).resolve())
+        fh = _RUN_LOCK.pop(key, None)
+        if fh is not None:
+            created, earlier = _CREATED.pop(key)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(earlier)
+            fh.close()
+            for path in created:
+                with contextlib.suppress(OSError):    # rmdir: only if empty, the rest is not ours to delete
+                    path.unlink() if path.name == ".lock" else path.rmdir()
+        raise
 
 
 def agree(accelerator: Accelerator, problem: str | None) -> None:

@@ -127,6 +127,7 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
             note_skipped_step(state, accelerator, monitor)
             timer.step_done()
         bar.update(1)
+        monitor.progress(state, steps, timer, cfg)       # one plain line every --log-every-s in non-terminal logs
         if cfg.save_every and state.global_step % cfg.save_every == 0 and step + 1 < steps:
             checkpointer.save(state)
         # Tiny asynchronous all-reduces, each read one step later (no host-device sync in the step): the

@@ -5,6 +5,7 @@ metrics.json in the run directory."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +36,9 @@ class StepTimer:
         self._started = None
 
     def start(self):
-        self._t = time.perf_counter()
+        self._t = self.host_start = time.perf_counter()
         self._data_dt = 0.0
+        self.host_wait = 0.0        # host seconds in next(loader) this epoch, warm-up included (progress line)
         if self.cuda:
             self._first = torch.cuda.Event(enable_timing=True)
             self._first.record()
@@ -45,7 +47,9 @@ class StepTimer:
         """next(iterator), timed as data wait."""
         t = time.perf_counter()
         item = next(iterator)
-        self._data_dt += time.perf_counter() - t
+        waited = time.perf_counter() - t
+        self._data_dt += waited
+        self.host_wait += waited
         if self.cuda and self._started is None:
             self._started = torch.cuda.Event(enable_timing=True)
             self._started.record()
@@ -102,6 +106,9 @@ class Monitor:
         self.tensorboard = is_main and "tensorboard" in log_with
         self.writer = None
         self.trackers = Trackers(log_with, run_dir, is_main)
+        # The plain progress line is for logs tqdm does not draw in (Slurm, pipes: stderr not a terminal).
+        self.plain_progress = is_main and not sys.stderr.isatty()
+        self._last_progress = 0.0
 
     def open(self, global_step: int, config: dict) -> None:
         """Start the trackers at `global_step` (0: a fresh run). On a resume, TensorBoard gets
@@ -118,6 +125,21 @@ class Monitor:
         """Once per job: the global main process (accelerator.print would print once per node)."""
         if self.is_main:
             print(*args, **kw, flush=True)
+
+    def progress(self, state, steps: int, timer: StepTimer, cfg) -> None:
+        """After each optimizer step: every --log-every-s seconds, one progress line on the main process when
+        the output is not a terminal (progress_line)."""
+        now = time.perf_counter()
+        if not self.plain_progress or now - max(self._last_progress, timer.host_start) < cfg.log_every_s:
+            return
+        self._last_progress = now
+        loss_sum, _, seen = state.sums.tolist()     # this rank's running sums: a device read every few seconds
+        elapsed = now - timer.host_start
+        per_step = elapsed / max(timer.seen, 1)
+        left = steps - state.step_in_epoch
+        self.print(progress_line((state.epoch + 1, cfg.epochs, state.step_in_epoch, steps), loss_sum / max(seen, 1),
+                                 timer.seen * cfg.batch_size / max(elapsed, 1e-9), timer.host_wait / max(elapsed, 1e-9),
+                                 left * per_step, (left + (cfg.epochs - state.epoch - 1) * steps) * per_step))
 
     def scalars(self, values: dict, step: int):
         if self.writer:
@@ -178,6 +200,23 @@ class Monitor:
             self.writer.close()
             self.writer = None
         self.trackers.finish()
+
+
+def progress_line(where: tuple, loss: float, rate: float, wait_frac: float, eta_epoch_s: float,
+                  eta_run_s: float) -> str:
+    """'epoch 2/5 step 120/468: loss 0.412, 34.1 examples/s, data wait 12%, ETA epoch 3m20s, run 16m05s' for
+    where = (epoch, epochs, step, steps). The ETAs are training time at this rate, evaluation not included."""
+    epoch, epochs, step, steps = where
+    return (f"epoch {epoch}/{epochs} step {step}/{steps}: loss {loss:.3f}, {rate:.1f} examples/s, data wait "
+            f"{100 * wait_frac:.0f}%, ETA epoch {duration(eta_epoch_s)}, run {duration(eta_run_s)}")
+
+
+def duration(seconds: float) -> str:
+    """45s, 3m20s, 2h05m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def confusion_image(confusion: list[list[int]], cell: int = 16) -> torch.Tensor:

@@ -24,6 +24,11 @@
 #   RDZV_BACKEND    static | c10d            [static]
 #   MASTER_PORT     rendezvous port          [derived from the job id]
 #   ACCELERATE_CONFIG   optional accelerate config file (launch/*.yaml); flags set here win
+#   MIXED_PRECISION fp16 | bf16: accelerate's mixed_precision for both launchers; train.py uses it unless
+#                   --precision is given (then one line says which wins). Unset or 'no': train.py's
+#                   --precision auto decides ('no' is also accelerate's default); fp32: pass --precision no
+#   DYNAMO_BACKEND  accelerate's dynamo_backend (e.g. inductor): train.py compiles with it unless
+#                   --compile / --no-compile is given
 #   PREEMPT_SIGNAL  signal forwarded to the training on preemption [USR1]
 #   SHUTDOWN_TIMEOUT seconds the launcher waits for workers to checkpoint and exit
 #                   after forwarding a signal, before SIGKILL   [120]
@@ -162,6 +167,9 @@ echo "[finetune $(date -u +%FT%TZ) node] host=$(hostname) node_rank=$NODE_RANK n
      "slurm_gpus=${SLURM_GPUS_ON_NODE:-none} cpus=$CPUS launcher=$LAUNCHER" \
      "master=$MASTER_ADDR:$MASTER_PORT restart=${SLURM_RESTART_COUNT:-0}"
 if [ "$USE_CPU" = 1 ]; then export ACCELERATE_USE_CPU=1; fi
+# accelerate launch passes its settings on as these variables; torchrun does not, so set them here.
+if [ -n "${MIXED_PRECISION:-}" ]; then export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION; fi
+if [ -n "${DYNAMO_BACKEND:-}" ]; then export ACCELERATE_DYNAMO_BACKEND=$DYNAMO_BACKEND; fi
 if [ "$LAUNCHER" = accelerate ]; then
     cmd=("$PYTHON" -m accelerate.commands.launch)
     [ -n "${ACCELERATE_CONFIG:-}" ] && cmd+=(--config_file "$ACCELERATE_CONFIG")
@@ -169,8 +177,11 @@ if [ "$LAUNCHER" = accelerate ]; then
     [ "$WORLD" -gt 1 ] && cmd+=(--multi_gpu)
     cmd+=(--num_machines "$NNODES" --machine_rank "$NODE_RANK" --num_processes "$WORLD"
           --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"
-          --rdzv_backend "$RDZV_BACKEND" --mixed_precision "${MIXED_PRECISION:-no}"
-          --dynamo_backend no "$TRAIN_PY")
+          --rdzv_backend "$RDZV_BACKEND")
+    # Only when set: else the values of ACCELERATE_CONFIG (or the defaults of accelerate) apply.
+    [ -n "${MIXED_PRECISION:-}" ] && cmd+=(--mixed_precision "$MIXED_PRECISION")
+    [ -n "${DYNAMO_BACKEND:-}" ] && cmd+=(--dynamo_backend "$DYNAMO_BACKEND")
+    cmd+=("$TRAIN_PY")
 else
     cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC")
     if [ "$RDZV_BACKEND" = c10d ]; then

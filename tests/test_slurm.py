@@ -137,7 +137,8 @@ def _assert_run_outputs(run_dir: Path, epochs: int) -> dict:
 
 def test_two_node_job_completes(cluster, shards, tmp_path):
     """2 nodes x 1 process through `accelerate launch` (static rendezvous on node0): world size 2."""
-    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "2", *TRAIN_ARGS])
+    job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "2", *TRAIN_ARGS],
+                                env={"MIXED_PRECISION": "bf16"})
     info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", _report(cluster, log, info)
@@ -145,6 +146,8 @@ def test_two_node_job_completes(cluster, shards, tmp_path):
         _assert_two_nodes(run_dir, text)
         _assert_run_outputs(run_dir, epochs=2)
         assert "world_size=2 nodes=2" in text
+        # MIXED_PRECISION reached train.py through accelerate launch; TRAIN_ARGS' --precision no wins, in one line
+        assert text.count("train.py's --precision no is used, not accelerate's mixed_precision") == 1, text[-3000:]
         # the derived rendezvous port: 20000 + job id % 20000, stable across requeues
         assert "master=node0:%d " % (20000 + job % 20000) in text
         assert "training finished (srun exit 0)" in text
@@ -216,12 +219,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, tmp_pat
 def test_torchrun_c10d_variant(cluster, shards, tmp_path):
     """LAUNCHER=torchrun with the elastic c10d rendezvous: the same script, the other launcher."""
     job, run_dir, log = _submit(cluster, tmp_path, ["--data", str(shards), "--epochs", "1", *TRAIN_ARGS],
-                                env={"LAUNCHER": "torchrun", "RDZV_BACKEND": "c10d"})
+                                env={"LAUNCHER": "torchrun", "RDZV_BACKEND": "c10d", "MIXED_PRECISION": "bf16"})
     info = cluster.wait_job(job, timeout=300)
     text = log.read_text(errors="replace") if log.exists() else ""
     try:
         assert info.get("JobState") == "COMPLETED", info
         assert "launcher=torchrun" in text
+        assert "train.py's --precision no is used, not accelerate's mixed_precision" in text   # torchrun: exported
         # c10d assigns node ranks by arrival, so only the set of hosts is fixed.
         _assert_two_nodes(run_dir, text, expect_node_ranks=False)
         _assert_run_outputs(run_dir, epochs=1)
