@@ -30,7 +30,7 @@ from data_prep import extras
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 GPU_IMAGE = {"torch": "2.11.0", "torchvision": "0.26.0", "accelerate": "1.15.0"}
-GPU_ONLY = {"nvidia-dali-cuda130"}    # [dali]: not installable without a GPU; not in the floor env
+GPU_ONLY = {"nvidia-dali-cuda130"}    # [dali]: ~600 MB; make test runs its CPU-only mode, the floor smoke subset does not
 SELF = PYPROJECT["name"]
 
 
