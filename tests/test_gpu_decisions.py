@@ -221,14 +221,16 @@ def test_setup_probes_bf16_after_the_rank_has_its_device(monkeypatch):
     assert calls[1] == ("probe", False) and calls[2] == ("accelerator", False, "fp16")
 
 
-# ------------------------------------------------------------------------------------------- README
+# ---------------------------------------------------------------------------------- docs/install.md
 
 @pytest.mark.skipif(not torch.version.cuda, reason="a CPU-only torch build has no GPU kernels to list")
-def test_readme_lists_the_gpu_kernels_of_the_installed_torch():
-    """The README's supported-GPU list is this wheel's: update it when torch changes."""
+def test_install_doc_lists_the_gpu_kernels_of_the_installed_torch():
+    """docs/install.md's supported-GPU list is this wheel's: update it when torch changes."""
     archs = torch._C._cuda_getArchFlags().split()
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Supported GPUs"):text.index("## Quick start")]
+    text = (REPO / "docs" / "install.md").read_text()
+    start = text.index("## Supported GPUs")
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end > 0 else len(text)]
     assert ", ".join(archs[:-1]) + " and " + archs[-1] in " ".join(section.split()), archs
     assert "sm_70" not in archs and "V100 (7.0)" in section
 
