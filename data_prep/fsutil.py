@@ -172,7 +172,7 @@ def _remove_stale(out: Path) -> None:
             host = (tmp / _OWNER).read_text().strip()
         except OSError:
             host = None
-        if host == socket.gethostname() and not _alive(int(pid)):
+        if host == socket.gethostname() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"data_prep: removed {tmp}, left by a killed run (pid {pid} is gone)", file=sys.stderr)
         else:
@@ -181,7 +181,8 @@ def _remove_stale(out: Path) -> None:
                   file=sys.stderr)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` alive on this host (someone else's counts)? For leftovers named after their writer."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from data_prep.errors import UsageError
+from data_prep.fsutil import pid_alive
 from data_prep.manifest import MANIFEST, file_sha256, read_manifest, shard_path
 from data_prep.remote import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
                               retrying, staged_folder)
@@ -223,18 +224,9 @@ def _remove_leftovers(folder: Path) -> None:
     no live stager of this folder writes one; a file of a live PID (another host's, on a shared disk) is kept."""
     for part in folder.glob("*.part-*"):
         pid = part.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             part.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _lock(cache: Path, folder: Path, kind: str, mode: int):

@@ -448,18 +448,10 @@ def test_a_node_whose_staging_fails_otherwise_stops_both_nodes_within_seconds(se
     srv = server()
     (tmp_path / "not-a-folder").write_text("x")
     caches = [tmp_path / "cache-node0", tmp_path / "not-a-folder"]
-    port = free_port()
-    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
     start = time.monotonic()
-    nodes = [start_train(["--data", srv.url, "--cache-dir", caches[r], "--output-dir", tmp_path / "run",
-                          "--pretrained", imagenet_like, "--epochs", "1", "--startup-timeout", "600", *TINY],
-                         nodes=2, node_rank=r, port=port, log=logs[r]) for r in (0, 1)]
-    try:
-        codes = [n.wait(timeout=240) for n in nodes]
-    finally:
-        for n in nodes:
-            n.kill()
-    texts = [log.read_text() for log in logs]
+    codes, texts = two_nodes(tmp_path, lambda r: ["--data", srv.url, "--cache-dir", caches[r], "--output-dir",
+                                                  tmp_path / "run", "--pretrained", imagenet_like, "--epochs", "1",
+                                                  "--startup-timeout", "600", *TINY])
     assert codes == [1, 1] and time.monotonic() - start < 200, texts
     for text in texts:
         assert "exitcode  : 2" in text and 'train.py", line' not in text, text
@@ -478,18 +470,9 @@ def test_one_node_that_cannot_reach_a_shard_stops_both_nodes_with_one_line(serve
     srv = server(folder=served)
     stage(srv.url, tmp_path / "cache-node0", 10**9, FAST)          # node 0: a complete, verified copy
     (served / "train-000002.tar").unlink()
-    port = free_port()
-    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
-    nodes = [start_train(["--data", srv.url, "--cache-dir", tmp_path / f"cache-node{r}", "--output-dir",
-                          tmp_path / "run", "--pretrained", imagenet_like, "--epochs", "1",
-                          "--max-steps-per-epoch", "1", *TINY], nodes=2, node_rank=r, port=port, log=logs[r])
-             for r in (0, 1)]
-    try:
-        codes = [n.wait(timeout=240) for n in nodes]
-    finally:
-        for n in nodes:
-            n.kill()
-    texts = [log.read_text() for log in logs]
+    codes, texts = two_nodes(tmp_path, lambda r: ["--data", srv.url, "--cache-dir", tmp_path / f"cache-node{r}",
+                                                  "--output-dir", tmp_path / "run", "--pretrained", imagenet_like,
+                                                  "--epochs", "1", "--max-steps-per-epoch", "1", *TINY])
     assert codes == [1, 1], texts                                   # the launcher's code for a failed worker
     for text in texts:
         assert "exitcode  : 2" in text, text                        # train.py's own exit: a usage error
@@ -498,3 +481,17 @@ def test_one_node_that_cannot_reach_a_shard_stops_both_nodes_with_one_line(serve
         assert len(lines) == 1, text
         assert "--data http://127.0.0.1" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()        # nobody trained
+
+
+def two_nodes(tmp_path, args_of_rank) -> tuple[list[int], list[str]]:
+    """Two nodes of one process each (a real gloo process group), node r run with args_of_rank(r): their launchers'
+    exit codes and logs."""
+    port = free_port()
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    nodes = [start_train(args_of_rank(r), nodes=2, node_rank=r, port=port, log=logs[r]) for r in (0, 1)]
+    try:
+        codes = [n.wait(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    return codes, [log.read_text() for log in logs]
