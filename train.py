@@ -367,7 +367,10 @@ def choose_model(job: Job, checkpointer: Checkpointer, state: TrainState):
 
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     # Bad flags: argparse prints usage + one line, exit 2. A UsageError: one line, exit 2 (cli_main).
-    return cli_main("train.py", lambda: run_explaining_dead_peers(cfg or parse_config(argv)))
+    code = cli_main("train.py", lambda: run_explaining_dead_peers(cfg or parse_config(argv)))
+    if code == 2:                   # a usage error, found alike on every rank after set-up: leave the group cleanly
+        distributed.shut_down()
+    return code
 
 
 def run_explaining_dead_peers(cfg) -> int:
