@@ -84,7 +84,7 @@ class BareLoop:
 class Ours:
     def __init__(self, model, optimizer, cfg, accelerator, normalize):
         self.model, self.opt, self.cfg, self.acc, self.normalize = model, optimizer, cfg, accelerator, normalize
-        self.monitor = types.SimpleNamespace(scalars=lambda *a, **k: None)
+        self.monitor = types.SimpleNamespace(scalars=lambda *a, **k: None, progress=lambda *a, **k: None)
         self.preempt = PreemptionFlag("")               # no signals: never stops
         self.ema = None                                 # --ema-decay: an AveragedModel updated every step
 

