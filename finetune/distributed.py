@@ -304,7 +304,8 @@ def collective_failure(exc: BaseException) -> str | None:
     (gloo: connection reset / timed out; NCCL: watchdog timeout), else None."""
     text = str(exc)
     lost = isinstance(exc, getattr(dist, "DistError", ())) or (
-        isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Timed out")))
+        isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Timed out",
+                                                     "pair closure")))    # gloo: "Application timeout caused pair closure"
     if not lost:
         return None
     rank = dist.get_rank() if dist.is_initialized() else "?"

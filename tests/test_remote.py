@@ -246,8 +246,14 @@ def test_a_signal_during_staging_stops_it_with_one_line(server, shards, imagenet
     Partial files are removed either way."""
     srv = server(delay=0.2, mode="trickle")
     cache = tmp_path / "cache"
-    proc = start_train(["--data", srv.url, "--cache-dir", cache, "--output-dir", tmp_path / "run",
-                        "--pretrained", imagenet_like, "--epochs", "1", *TINY], log=tmp_path / "run.log")
+    # A shell that starts pytest in the background leaves SIGINT ignored, and a child inherits that (Python then
+    # installs no KeyboardInterrupt handler): give train.py the default disposition a user's terminal gives.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = start_train(["--data", srv.url, "--cache-dir", cache, "--output-dir", tmp_path / "run",
+                            "--pretrained", imagenet_like, "--epochs", "1", *TINY], log=tmp_path / "run.log")
+    finally:
+        signal.signal(signal.SIGINT, saved)
     folder = cache_folder(cache, srv.url)
     wait_for(lambda: any(folder.glob("*.part-*")), 120, "a shard transfer", [proc])
     proc.send_signal(sig)
