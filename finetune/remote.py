@@ -181,10 +181,23 @@ def _read_manifest(fs, path: str, shown: str) -> bytes:
     buffer = io.BytesIO()
     try:
         fetch(fs, path, buffer, MANIFEST_CAP, f"--data {join(shown, MANIFEST)}")
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if _connection_failed(exc):  # fsspec < 2024.3 reports a refused connection so: retried, then "unreachable"
+            raise
         raise UsageError(f"no {MANIFEST} at {redact_url(path)}; --data must be the folder data_prep wrote "
                          f"(python -m data_prep --out ...)") from None
     return buffer.getvalue()
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """Does a FileNotFoundError stand for a connection that failed (its cause), not a missing file?"""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, ConnectionError) or type(seen).__name__ in ("ClientConnectorError", "ClientConnectionError",
+                                                                         "ServerDisconnectedError"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _verified(folder: Path, shard: dict) -> bool:
