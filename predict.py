@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from finetune import UsageError, cli_main
-from finetune.data import DeviceNormalizer
+from finetune.data.transforms import DeviceNormalizer
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -144,7 +144,7 @@ def check_decode_memory(data: bytes) -> None:
 
 def preprocess(img: torch.Tensor, spec: dict) -> torch.Tensor:
     """uint8 [3, H, W] -> the eval crop, still uint8: exactly train.py's evaluation transform."""
-    from finetune.data import eval_transform
+    from finetune.data.transforms import eval_transform
     return eval_transform(img, spec)
 
 

@@ -34,11 +34,14 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from data_prep.remote import redact_url  # noqa: E402
-from finetune import dali, distributed, launcher, simulated_delay  # noqa: E402
+from finetune import distributed, launcher, simulated_delay  # noqa: E402
 from finetune.arch import describe_preprocessing, preprocessing  # noqa: E402
 from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity  # noqa: E402
-from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
-                           check_shards, load_manifest, make_loader, train_stream_for)  # noqa: E402
+from finetune.data import dali  # noqa: E402
+from finetune.data.device_decode import DeviceDecoder  # noqa: E402
+from finetune.data.manifest import Manifest, check_shards, load_manifest  # noqa: E402
+from finetune.data.streams import EvalStream, TrainStream, auto_workers, make_loader, train_stream_for  # noqa: E402
+from finetune.data.transforms import DeviceNormalizer  # noqa: E402
 from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
 from finetune.model import build_model, build_optimizer  # noqa: E402
 from finetune.monitor import Monitor  # noqa: E402

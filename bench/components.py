@@ -27,8 +27,10 @@ import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
 
-from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer, _tar_samples, decode, load_manifest,
-                           train_transform)
+from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import _tar_samples
+from finetune.data.transforms import DeviceNormalizer, decode, train_transform
 
 
 def _pil_draft(data: bytes) -> torch.Tensor:

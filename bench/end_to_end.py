@@ -23,7 +23,7 @@ from pathlib import Path
 
 from _common import COLUMNS, REPO, add_data_args, goal_row, in_turn, machine, median, shards_for, table
 
-from finetune.data import auto_workers
+from finetune.data.streams import auto_workers
 
 
 def run_ours(shards, args, extra, out_dir) -> list[dict]:

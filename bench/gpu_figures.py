@@ -26,7 +26,9 @@ import torch
 
 from finetune import distributed
 from finetune.config import parse_config
-from finetune.data import DeviceNormalizer, TrainStream, load_manifest, make_loader
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import TrainStream, make_loader
+from finetune.data.transforms import DeviceNormalizer
 from finetune.loop import make_ema
 from finetune.model import build_model, build_optimizer
 
@@ -133,7 +135,7 @@ def batches_of(args, device):
     """(iterator of training batches, prefetch depth in batches) of the path under test."""
     batch, workers = args.batch[0], args.workers
     if args.path == "dali":
-        from finetune import dali                   # --loader dali (optional extra): what train.py runs on a GPU
+        from finetune.data import dali                   # --loader dali (optional extra): what train.py runs on a GPU
         split = load_manifest(args.shards).train
         dali.build_indexes([split])
         spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, 1000, workers,

@@ -33,8 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, DeviceDecoder, TrainStream, auto_workers,
-                           load_manifest, make_loader)
+from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.device_decode import DeviceDecoder
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import TrainStream, auto_workers, make_loader
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

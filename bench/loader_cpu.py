@@ -33,7 +33,8 @@ from _common import REPO, machine, median, table
 import psutil
 import torch
 
-from finetune.data import TrainStream, load_manifest, make_loader
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import TrainStream, make_loader
 
 SIZE = 224
 SHUFFLE = 1000          # train.py's --shuffle-buffer default
@@ -91,7 +92,7 @@ def torch_loader(split, path: str, workers: int, batch: int):
 
 def dali_loader(split, path: str, workers: int, batch: int):
     """finetune.dali's train loader: CPU-only mode, or (dali-gpu) the "mixed" decoder on cuda:0."""
-    from finetune import dali
+    from finetune.data import dali
     spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, workers,
                          0 if path == "dali-gpu" else None)
     return iter(dali.DaliTrainLoader(spec))
@@ -119,7 +120,7 @@ def measure(batches, n: int, batch: int, warmup: int) -> tuple[float, float, flo
 def worker_only(split, path: str, images: int, batch: int) -> float:
     """bench/per_core.py's figure for `path`: the same work in this thread, no DataLoader (CPU time)."""
     if path.startswith("dali"):     # DALI runs in-process anyway: its pipeline alone, without the copy out
-        from finetune import dali
+        from finetune.data import dali
         spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, 1,
                              0 if path == "dali-gpu" else None)
         pipe = dali.build_pipeline(spec, 0)
@@ -155,7 +156,7 @@ def main() -> None:
     print(f"shards: {shards} ({split.num_samples} train images); batch {args.batch} at {SIZE} px, "
           f"{args.batches} timed batches x {args.repeats} repeats")
     if any(path.startswith("dali") for path in args.paths):
-        from finetune import dali
+        from finetune.data import dali
         problem = dali.build_indexes([split])
         if problem:
             sys.exit(problem)

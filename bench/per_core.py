@@ -33,8 +33,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.data import (IMAGENET_MEAN, IMAGENET_STD, _tar_samples, collate, decode,
-                           load_manifest, opencv_batch, random_resized_crop_params, train_transform)
+from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import _tar_samples
+from finetune.data.transforms import collate, decode, opencv_batch, random_resized_crop_params, train_transform
 
 SIZE = 224
 

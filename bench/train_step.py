@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from finetune import distributed
 from finetune.checkpoint import PreemptionFlag, TrainState
 from finetune.config import parse_config
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer
+from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.transforms import DeviceNormalizer
 from finetune.loop import make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
 

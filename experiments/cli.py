@@ -104,7 +104,7 @@ def compare(args, train_args: list[str], argv: list[str]) -> int:
 
 def make_plan(args, train_args: list[str]) -> Plan:
     """Every check that can fail before a run starts: shards, flags, weights, variants, launcher."""
-    from finetune.data import load_manifest
+    from finetune.data.manifest import load_manifest
 
     data = os.path.abspath(args.data)
     out = Path(args.out).absolute()

@@ -179,7 +179,7 @@ def exported_scores(model: Exported, crops: torch.Tensor, tta: str) -> tuple[np.
 @torch.inference_mode()
 def reference_scores(model: torch.nn.Module, crops: torch.Tensor, spec: dict, tta: str):
     """The same for the PyTorch model from model.pt, normalised exactly as train.py does."""
-    from .data import DeviceNormalizer
+    from .data.transforms import DeviceNormalizer
     x = DeviceNormalizer(torch.device("cpu"), False, mean=spec["mean"], std=spec["std"])(crops)[0]
     logits = model(x).float()
     probs = logits.softmax(dim=1)
@@ -261,7 +261,7 @@ class Run:
 def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
     import yaml
 
-    from .data import load_manifest
+    from .data.manifest import load_manifest
     from .model import load_trained
     from .remote import staged_or_local
     if not run_dir.is_dir():
@@ -308,7 +308,7 @@ def run_fields(run_dir: Path, cfg, metrics, key: str) -> tuple[int, str, str, fl
 def parity(path: Path, run: Run, trusted: bool, batch: int = 32) -> tuple[str | None, str]:
     """Score the test shards with the file at `path` alone and with model.pt. Returns (problem or None, a
     summary of what was compared). trusted: see Exported."""
-    from .data import EvalStream
+    from .data.streams import EvalStream
     exported = Exported(path, trusted)
     if exported.meta["classes"] != list(run.saved["classes"]):
         return f"embedded classes {exported.meta['classes']} != model.pt's {run.saved['classes']}", ""

@@ -17,7 +17,7 @@ from torch import nn
 from conftest import PYTHON, REPO, TINY, load_model_pt, run_train
 from finetune import UsageError, arch as archs, weights
 from finetune.config import parse_config
-from finetune.data import eval_transform
+from finetune.data.transforms import eval_transform
 from finetune.model import build_model, build_optimizer
 
 HOTDOG_MINI = REPO.parent / "shared" / "data" / "hotdog-mini"

@@ -158,7 +158,8 @@ def test_clip_grad_bounds_the_update_norm():
 # 4. order="random": each rank draws its own samples (the rank is in the shard seed), reproducibly.
 # ------------------------------------------------------------------------------------------------------
 def _random_stream(shards, rank: int, seed: int = 0):
-    from finetune.data import TrainStream, load_manifest
+    from finetune.data.manifest import load_manifest
+    from finetune.data.streams import TrainStream
     split = load_manifest(shards).train
     return TrainStream(split, rank=rank, world_size=2, micro_batch=4, accum=1, steps=6, image_size=32, seed=seed,
                        order="random", shuffle_buffer=8)
@@ -220,7 +221,7 @@ def test_examples_per_sec_is_global_on_two_processes(shards, imagenet_like, tmp_
 def _by_hand(model_pt, photo):
     """softmax(model(normalise(eval_transform(decode(photo))))) with model.pt's own spec, written out."""
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    from finetune.data import eval_transform
+    from finetune.data.transforms import eval_transform
     from finetune.model import load_trained
     model, saved = load_trained(str(model_pt))
     spec = saved["preprocess"]

@@ -18,8 +18,10 @@ import torch
 import yaml
 
 from conftest import TINY, colour_source, load_model_pt, read_json, run_train
-from finetune import dali
-from finetune.data import _tar_samples, load_manifest, random_resized_crop_params
+from finetune.data import dali
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import _tar_samples
+from finetune.data.transforms import random_resized_crop_params
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
@@ -275,7 +277,7 @@ def test_a_continuous_stream_gives_each_epoch_as_a_fresh_one_would(shards, order
     """One DataLoader iterator over a continuous TrainStream (2 workers, 3 batches per epoch: the workers swap
     parts from epoch to epoch) hands out epoch 1 from `skip` on, then epochs 2 and 3, exactly as three
     one-epoch iterations (fresh workers each) would."""
-    from finetune.data import TrainStream, make_loader
+    from finetune.data.streams import TrainStream, make_loader
     split = load_manifest(shards).train
     stream = TrainStream(split, **_stream_kw(order=order))
     stream.epoch, stream.skip, stream.continuous = 1, skip, True
@@ -318,7 +320,7 @@ class _SharedInWorker(torch.utils.data.IterableDataset):
         self.shards = shards
 
     def __iter__(self):
-        from finetune.data import collate, opencv_batch
+        from finetune.data.transforms import collate, opencv_batch
         samples = list(itertools.islice(_tar_samples(load_manifest(self.shards).train.urls), 2))
         tv = collate([(torch.zeros(3, 8, 8, dtype=torch.uint8), int(s["cls"])) for s in samples])[0]
         cv = opencv_batch([(s["jpg"], random.Random(0), int(s["cls"])) for s in samples], 8)[0]
@@ -329,6 +331,6 @@ class _SharedInWorker(torch.utils.data.IterableDataset):
 def test_batches_are_made_in_shared_memory_inside_loader_workers(shards, workers):
     """In a loader worker a batch is collated straight into shared memory (no copy when it is sent to the
     training process, as torch's default_collate does); in the training process itself, plain memory."""
-    from finetune.data import make_loader
+    from finetune.data.streams import make_loader
     (flags,) = list(make_loader(_SharedInWorker(shards), workers, False))
     assert flags.tolist() == [bool(workers)] * 2

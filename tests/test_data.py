@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, RawJpegBatch, ResampledTrainStream,
-                           TrainStream, load_manifest, make_loader, train_stream_for)
+from finetune.data.device_decode import DeviceDecoder, RawJpegBatch
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import EvalStream, ResampledTrainStream, TrainStream, make_loader, train_stream_for
+from finetune.data.transforms import DeviceNormalizer
 
 
 def train_kw(**over):
@@ -158,7 +160,7 @@ def test_opencv_augment_draws_the_same_crops_and_flips_as_torchvision(tmp_path):
     differs), and a [B,3,224,224] uint8 batch already in channels_last layout."""
     import random
 
-    from finetune.data import decode, opencv_batch, train_sample_opencv, train_transform
+    from finetune.data.transforms import decode, opencv_batch, train_sample_opencv, train_transform
     photos = sorted((HOTDOG_FOOD / "train" / "hotdog").glob("*.jpg"))[:24]
     if not photos:
         pytest.skip(f"no real photos at {HOTDOG_FOOD} (../shared/data)")
@@ -199,7 +201,7 @@ def test_opencv_augment_falls_back_to_torchvision_decoding(monkeypatch):
     import simplejpeg
     from PIL import Image
 
-    from finetune.data import train_sample_opencv
+    from finetune.data.transforms import train_sample_opencv
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
     usual = train_sample_opencv(buf.getvalue(), 32, random.Random(0))

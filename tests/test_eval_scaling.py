@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-import finetune.data as data
+import finetune.data.streams as data
 from data_prep.shards import default_samples_per_shard, eval_samples_per_shard
-from finetune.data import EvalStream, load_manifest
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import EvalStream
 
 from conftest import _prep
 

@@ -251,7 +251,7 @@ def test_long_epoch_folder_repeats_the_train_split_by_hard_links(tmp_path):
                 ["prepare", "--source", src, "--out", base, "--samples-per-shard", 4, "--no-progress"]):
         subprocess.run([PYTHON, "-m", "data_prep", *map(str, cmd)], cwd=REPO, check=True, capture_output=True)
     rep = gpu_check.replicate(base, tmp_path / "long", steps=10, batch=8)      # 80 samples from 16: 5 copies
-    from finetune.data import check_shards, load_manifest
+    from finetune.data.manifest import check_shards, load_manifest
     m, orig = load_manifest(rep), load_manifest(base)
     assert m.train.num_samples == 5 * orig.train.num_samples and len(m.train.urls) == 5 * len(orig.train.urls)
     assert m.test.num_samples == orig.test.num_samples and check_shards(m) is None

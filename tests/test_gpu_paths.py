@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 from conftest import TINY, read_json, run_train
-from finetune import data, distributed
+from finetune import distributed
+from finetune.data import device_decode as data
 from finetune.checkpoint import TrainState
 from finetune.config import parse_config
 from finetune.loop import note_skipped_step

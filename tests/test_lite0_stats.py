@@ -17,7 +17,9 @@ import predict
 from conftest import TINY, load_model_pt, read_json, run_train
 from finetune import export as fexport
 from finetune import weights
-from finetune.data import IMAGENET_MEAN, IMAGENET_STD, EvalStream, load_manifest
+from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.data.manifest import load_manifest
+from finetune.data.streams import EvalStream
 from finetune.model import load_trained
 
 pytestmark = pytest.mark.skipif(weights.lite0_package_file() is None,
@@ -65,7 +67,7 @@ def test_train_pys_evaluation_normalises_with_0_5(lite0_run, shards):
 
 def test_predict_normalises_with_0_5(lite0_run, tmp_path, capsys):
     from PIL import Image
-    from finetune.data import eval_transform
+    from finetune.data.transforms import eval_transform
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "photo.png"
     Image.fromarray(torch.randint(0, 256, (45, 60, 3), generator=g, dtype=torch.uint8).numpy()).save(path)

@@ -118,7 +118,7 @@ def test_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
 
 def test_preprocessing_is_train_pys_eval_preprocessing(trained):
     from finetune.arch import preprocessing
-    from finetune.data import DeviceNormalizer, eval_transform
+    from finetune.data.transforms import DeviceNormalizer, eval_transform
     spec = trained["saved"]["preprocess"]
     size = spec["crop"]
     assert spec == preprocessing("resnet18", size)
@@ -136,7 +136,7 @@ def test_probabilities_are_the_models_softmax(trained, photos):
     """End to end: predict's probability equals softmax(model(eval_transform(image))) computed by hand."""
     from torchvision.io import decode_image, ImageReadMode
     from torchvision.models import resnet18
-    from finetune.data import DeviceNormalizer, eval_transform
+    from finetune.data.transforms import DeviceNormalizer, eval_transform
     _, files = photos
     saved = trained["saved"]
     model = resnet18(num_classes=len(saved["classes"]))
@@ -155,7 +155,7 @@ def test_probabilities_are_the_models_softmax(trained, photos):
 
 
 def test_tta_flip_averages_the_image_and_its_mirror(trained, photos):
-    from finetune.data import DeviceNormalizer
+    from finetune.data.transforms import DeviceNormalizer
     _, files = photos
     net, classes, spec = predict.load_model(trained["model"], torch.device("cpu"))
     norm = DeviceNormalizer(torch.device("cpu"), False, mean=spec["mean"], std=spec["std"])

@@ -19,7 +19,7 @@ from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train, start_
 from data_prep.manifest import file_sha256
 from data_prep.remote import Backoff, Unreachable
 from finetune import UsageError
-from finetune.data import check_shards, load_manifest
+from finetune.data.manifest import check_shards, load_manifest
 from finetune.remote import cache_folder, stage
 
 FAST = Backoff(tries=6, first=0.2, most=1.0)      # ~3 s of retries: tests do not wait for the defaults

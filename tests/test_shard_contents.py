@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from conftest import TINY, run_train
-from finetune.data import BadShard, TrainStream, load_manifest, make_loader
+from finetune.data.manifest import BadShard, load_manifest
+from finetune.data.streams import TrainStream, make_loader
 
 SHARD = "train-000001.tar"
 
@@ -108,7 +109,7 @@ def test_a_bad_sample_met_while_streaming_is_one_line_from_a_worker(shards, tmp_
 def test_the_tar_index_matches_tarfile_whatever_the_header_kinds(tmp_path, fmt):
     """shard_contents parses plain ustar headers itself (cheaper) and leaves any other kind to tarfile: a
     long key (> 100 bytes: a GNU or pax extension header) or a non-ASCII one must come out the same."""
-    from finetune.data import _tar_index
+    from finetune.data.manifest import _tar_index
     names = ["a/short.jpg", "a/short.cls", "x" * 60 + "/" + "y" * 70 + ".jpg", "d/é.cls"]
     if fmt == tarfile.USTAR_FORMAT:
         names = names[:2] + ["p" * 90 + "/" + "q" * 60 + ".jpg"]     # ustar's own prefix field

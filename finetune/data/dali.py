@@ -1,10 +1,10 @@
 """--loader dali: NVIDIA DALI reads the training shards and decodes, crops, flips and normalises them.
 
-The same shards and manifest as the torchvision path (finetune.data.TrainStream), the same recipe:
+The same shards and manifest as the torchvision path (streams.py's TrainStream), the same recipe:
 - `fn.readers.webdataset` over the split's tar files, with one index file per shard (DALI's `wds2idx`
   format, written by `write_index`, built once per node by the local main process and cached by the shard's
   sha256, so a changed shard never meets a stale index);
-- RandomResizedCrop's scale and ratio (finetune.data.CROP_SCALE / CROP_RATIO, 10 attempts) decoded by
+- RandomResizedCrop's scale and ratio (transforms.py's CROP_SCALE / CROP_RATIO, 10 attempts) decoded by
   `fn.decoders.image_random_crop` (only the crop's region is decoded), resized with antialiasing, flipped
   with probability 1/2 and normalised with the weights' mean/std by `fn.crop_mirror_normalize`, in HWC
   order: the batch reaches the model as a channels_last [B, 3, H, W] float view, no transposing copy;
@@ -18,7 +18,7 @@ epoch with the run's seed, identical on all ranks) and reads its own contiguous 
 wrap around), so uneven splits cannot hang DDP. The reader's shuffle and the crop/flip draws are seeded by
 (seed, epoch, rank). A resumed epoch replays the `skip` micro-batches it had consumed (decoded and dropped:
 DALI cannot fast-forward its random state without running it), which gives the uninterrupted run's batches.
-Evaluation stays on the torchvision path (finetune.data.EvalStream: each test image exactly once).
+Evaluation stays on the torchvision path (streams.py's EvalStream: each test image exactly once).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from . import UsageError
-from .data import CROP_RATIO, CROP_SCALE, DeviceNormalizer, Split
+from .. import UsageError
+from .manifest import Split
+from .transforms import CROP_RATIO, CROP_SCALE, DeviceNormalizer
 
 INSTALL = "pip install 'hotdog-finetune[dali]' (i.e. pip install nvidia-dali-cuda130)"
 
