@@ -49,7 +49,7 @@ def load_model(path: str, device: torch.device, trusted: bool = False):
     --arch), built without weights, its head sized to the classes, on `device`. An exported file runs with its
     own runtime on the CPU (onnxruntime / torch.export; a .pt2 only when `trusted`); classes and preprocessing
     come from its metadata."""
-    from finetune.export import Exported, detect_format
+    from finetune.exported import Exported, detect_format
     from finetune.model import load_trained
     if os.path.isfile(path) and detect_format(path) != "model.pt":
         exported = Exported(path, trusted)

@@ -20,6 +20,7 @@ from finetune import weights
 from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
 from finetune.data.manifest import load_manifest
 from finetune.data.streams import EvalStream
+from finetune.exported import normalize
 from finetune.model import load_trained
 
 pytestmark = pytest.mark.skipif(weights.lite0_package_file() is None,
@@ -88,6 +89,6 @@ def test_export_embeds_and_normalises_with_0_5(lite0_run, capsys):
     assert exported.meta["preprocess"]["mean"] == HALF and exported.meta["preprocess"]["std"] == HALF
     crops = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     model, _ = load_trained(str(lite0_run / "model.pt"))
-    got = exported.run(fexport.normalize(crops, exported.meta["preprocess"]))
+    got = exported.run(normalize(crops, exported.meta["preprocess"]))
     assert np.allclose(got, by_hand(model, crops, HALF, HALF).numpy(), atol=1e-4)
     assert not np.allclose(got, by_hand(model, crops, IMAGENET_MEAN, IMAGENET_STD).numpy(), atol=1e-2)
