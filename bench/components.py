@@ -6,7 +6,7 @@ measured against the alternative they replaced or compete with, in the same run:
 - decode + augment per image: ours (decode_jpeg + v2 resized_crop/flip on uint8) vs d2l's PIL chain
   (open/convert + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize), vs a PIL draft()
   half-size decode before the same crop, and the two decoders alone;
-- shard reading per sample: webdataset.tarfile_samples (what finetune.data's _tar_samples wraps), all train
+- shard reading per sample: webdataset.tarfile_samples (what finetune.data.streams' _tar_samples wraps), all train
   shards read through;
 - DeviceNormalizer per batch of 32 at 224 px (.float() ... .contiguous(memory_format)) vs a one-copy
   .to(float32, memory_format=...) variant (bitwise equal results; both layouts).

@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1, help="epochs per run (each epoch times its own steps)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (train.py and d2l default: 128)")
     p.add_argument("--workers", type=int, default=-1,
-                   help="DataLoader workers for both (-1: finetune.data.auto_workers(1), train.py's default)")
+                   help="DataLoader workers for both (-1: finetune.data.streams.auto_workers(1), train.py's default)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap on steps per epoch (0: all)")
     p.add_argument("--repeats", type=int, default=3, help="repeats (ours and baseline alternate)")
     p.add_argument("--goal", type=float, default=2.0, help="goal for ours / baseline (end-to-end examples/sec)")

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = os.environ.get("PYTHON") or sys.executable
 BATCHES = (128, 256)            # per-GPU batch sizes of the step figures
 E2E_BATCH = 256                 # per-GPU batch of the end-to-end and loader-only figures
-PREFETCH = 4                    # finetune.data.make_loader's prefetch_factor
+PREFETCH = 4                    # finetune.data.streams.make_loader's prefetch_factor
 TRAIN_IMAGES = 1024             # distinct synthetic train images (256-px shorter side; repeated by replicate)
 
 

@@ -8,7 +8,7 @@ driver turns them into the FIG lines that docs/performance.md section 8 explains
     python bench/gpu_figures.py loader  --shards DIR --augment-with opencv --workers 15 --batch 256
 
 No data loading in sweep/step/compile (pre-built batches, bench/train_step.py's BareLoop and Ours); `loader`
-is the loader alone: pinned uint8 batches arriving in this process from finetune.data's TrainStream through
+is the loader alone: pinned uint8 batches arriving in this process from finetune.data.streams' TrainStream through
 make_loader, as train.py wires them, nothing on the GPU.
 """
 

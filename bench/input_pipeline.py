@@ -7,14 +7,14 @@ temp dir), apply the same augmentation (RandomResizedCrop(224, scale 0.08-1, rat
 flip) and deliver the same thing to the step -- a normalised float batch [B, 3, 224, 224] -- with the same
 number of DataLoader workers:
 
-- ours:     finetune.data.TrainStream (decode_jpeg + crop/flip on uint8, collated uint8 batches in the
+- ours:     finetune.data.streams.TrainStream (decode_jpeg + crop/flip on uint8, collated uint8 batches in the
             workers) -> make_loader -> DeviceNormalizer (here the device is the CPU, so the normalisation
             runs in the main process and is counted);
 - baseline: torchvision.datasets.ImageFolder + transforms.Compose([RandomResizedCrop(224),
             RandomHorizontalFlip(), ToTensor(), Normalize(...)]) -> DataLoader(shuffle=True), as in d2l.
 
 `--decode-on device` times the optional device-decode path instead (workers only parse JPEG headers and
-draw the crops; finetune.data.DeviceDecoder decodes the batch with nvjpeg on a GPU, or on the CPU in the
+draw the crops; finetune.data.device_decode.DeviceDecoder decodes the batch with nvjpeg on a GPU, or on the CPU in the
 main process when there is none -- on a CPU-only machine that is the fallback, not a speed-up).
 
 Each repeat times `--batches` batches after `--warmup` batches (worker start-up excluded); ours and the
@@ -82,7 +82,8 @@ def main() -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_args(p)
     p.add_argument("--workers", type=int, default=-1,
-                   help="DataLoader workers for BOTH loaders (-1: finetune.data.auto_workers(1), train.py's default)")
+                   help="DataLoader workers for BOTH loaders (-1: finetune.data.streams.auto_workers(1), "
+                        "train.py's default)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--image-size", type=int, default=224, help="crop size")
     p.add_argument("--batches", type=int, default=30, help="timed batches per repeat and loader")

@@ -7,7 +7,7 @@ worker-only figure of bench/per_core.py (the same work in one thread, no DataLoa
     .venv/bin/python bench/loader_cpu.py                 # ~2-4 min; 256-px synthetic shards made once
     .venv/bin/python bench/loader_cpu.py --paths dali-cpu --workers 1 2 4
 
-Paths: `torchvision` (TrainStream's default), `opencv` (--augment-with opencv), `dali-cpu` (finetune.dali's
+Paths: `torchvision` (TrainStream's default), `opencv` (--augment-with opencv), `dali-cpu` (finetune.data.dali's
 pipeline in DALI's CPU-only mode, uint8 output like the others; DALI's threads run inside the training
 process, so there is no inter-process copy, only the copy out of DALI into a torch tensor), and on a GPU
 machine `dali-gpu` (the same pipeline with the "mixed" decoder on cuda:0: what --loader dali runs there).
@@ -91,7 +91,7 @@ def torch_loader(split, path: str, workers: int, batch: int):
 
 
 def dali_loader(split, path: str, workers: int, batch: int):
-    """finetune.dali's train loader: CPU-only mode, or (dali-gpu) the "mixed" decoder on cuda:0."""
+    """finetune.data.dali's train loader: CPU-only mode, or (dali-gpu) the "mixed" decoder on cuda:0."""
     from finetune.data import dali
     spec = dali.DaliSpec(split, dali.index_paths(split), 0, 1, batch, SIZE, 0, SHUFFLE, workers,
                          0 if path == "dali-gpu" else None)

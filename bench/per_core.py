@@ -6,10 +6,10 @@ PIL transforms (which also make float tensors and normalise, as d2l's loader doe
     .venv/bin/python bench/per_core.py            # ~1 min; one process, one thread: a per-core figure
     .venv/bin/python bench/per_core.py --breakdown   # CPU ms per image of each decode/resize/collate step
 
-Variants, all on the same samples and the same crop/flip draws (finetune.data.random_resized_crop_params):
+Variants, all on the same samples and the same crop/flip draws (finetune.data.transforms.random_resized_crop_params):
 - tv-tensor: what TrainStream runs today: torchvision decode_jpeg + resized_crop(antialias) on uint8 tensors,
   torch.stack of [3,224,224];
-- opencv:    TrainStream with --augment-with opencv (finetune.data.opencv_batch): simplejpeg decode to HWC,
+- opencv:    TrainStream with --augment-with opencv (finetune.data.transforms.opencv_batch): simplejpeg decode to HWC,
              the same crop (a view), one cv2.resize (bilinear up, area down) straight into the batch buffer
              and cv2.flip in place: a channels_last [B,3,H,W] batch with no stacking or transposing copy;
 - pil-box:   Pillow decode, with JPEG draft mode (DCT-domain 1/2, 1/4, 1/8 decode) when the crop is at least

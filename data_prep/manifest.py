@@ -1,6 +1,6 @@
 """The manifest contract (docs/manifest.md), owned by data_prep because data_prep writes it.
 
-Both sides read it through this module: `data_prep verify` and `finetune.data.load_manifest` (train.py,
+Both sides read it through this module: `data_prep verify` and `finetune.data.manifest.load_manifest` (train.py,
 experiments). It is deliberately small and imports nothing heavy: json, hashlib and the error type.
 
 - `read_manifest(root)`: the one reader. Checks `format`, the classes, both splits, every shard entry's

@@ -76,7 +76,7 @@ class Plan:
     """Everything `compare` decided before any run starts."""
     data: str
     out: Path
-    manifest: object            # finetune.data.Manifest
+    manifest: object            # finetune.data.manifest.Manifest
     weights: plan.Weights
     variants: list[plan.Variant]
     argvs: dict[str, list[str]]  # variant name -> its full command line

@@ -1,4 +1,4 @@
-"""--loader dali (finetune/dali.py): index files, the one-line refusals, and -- where NVIDIA DALI imports (its
+"""--loader dali (finetune/data/dali.py): index files, the one-line refusals, and -- where NVIDIA DALI imports (its
 CPU-only mode; CI installs it) -- sample counts, labels, disjoint ranks, crop statistics against the torchvision
 path, seeds, resume by replay, a 2-process run that learns and a resumed run equal to an uninterrupted one.
 Also --per-gpu-batch (the throughput setting), which needs no DALI."""
