@@ -44,7 +44,6 @@ def _indexed_samples(urls: list[str], offsets: list[int]):
             yield offset + i, sample
 
 
-
 @dataclass(frozen=True)
 class TrainSettings:
     """What a TrainStream draws, for one rank (see TrainStream)."""
