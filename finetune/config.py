@@ -16,8 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.dataclass_cli import (add_fields, nonneg_float, nonneg_int, option, parse_with_config, positive_float,
-                                    positive_int, shown as shown_default)
+from data_prep.dataclass_cli import add_fields, option as _opt, parse_with_config, shown as shown_default
+# the shared validators, in the Config body's spelling (kept so that branches adding fields merge)
+from data_prep.dataclass_cli import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
+                                    positive_float as _positive_float, positive_int as _positive_int)
 from data_prep.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
@@ -41,10 +43,6 @@ def parse_signals(names: str) -> list:
             raise UsageError(f"--preempt-signals: {full} cannot be caught by any process; use USR1 or TERM")
         result.append(sig)
     return result
-
-
-# The Config body's spelling (kept so that branches adding fields merge): data_prep.dataclass_cli's option, validators
-_opt, _positive_int, _nonneg_int, _positive_float, _nonneg_float = option, positive_int, nonneg_int, positive_float, nonneg_float
 
 
 @dataclass
@@ -239,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(d2l recipe). Run it with python, accelerate launch, torchrun or slurm/finetune.sh.",
         epilog="Every option can also come from --config YAML (the same names, - or _); the command line wins.")
     groups = add_fields(parser, Config, HELP_GROUPS, suppress=True, help=help_text)
-    groups["run, evaluation and checkpoints"].add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
+    groups["run, evaluation and checkpoints"].add_argument("--config", metavar="YAML",
+                                                           help="read options from this YAML file; flags override it")
     return parser
 
 
