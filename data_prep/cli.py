@@ -15,7 +15,8 @@ import threading
 from . import shards, synthetic
 from .errors import UsageError, cli_main
 from .manifest import read_manifest
-from .options import PrepareOptions, positive_int
+from .dataclass_cli import positive_int
+from .options import PrepareOptions
 from .prepare import prepare_with
 
 COMMANDS = ("prepare", "verify", "synthetic")

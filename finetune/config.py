@@ -11,11 +11,15 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from data_prep.dataclass_cli import add_fields, option as _opt, parse_with_config, shown as shown_default
+# the shared validators, in the Config body's spelling (kept so that branches adding fields merge)
+from data_prep.dataclass_cli import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
+                                    positive_float as _positive_float, positive_int as _positive_int)
 from data_prep.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
@@ -23,8 +27,6 @@ from . import UsageError, atomic_write_text, cli_main
 from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-
-
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 
@@ -41,39 +43,6 @@ def parse_signals(names: str) -> list:
             raise UsageError(f"--preempt-signals: {full} cannot be caught by any process; use USR1 or TERM")
         result.append(sig)
     return result
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also catches nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _opt(help: str, *, type=None, choices=None, flag: str | None = None, default=None, **kw):
-    """A dataclass field carrying its argparse metadata."""
-    return field(default=default, metadata=dict(help=help, type=type, choices=choices, flag=flag), **kw)
 
 
 @dataclass
@@ -224,10 +193,6 @@ class Config:
         return {**dataclasses.asdict(self), "data": redact_url(self.data)}
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 # --help in groups by concern: (title, one line on the group, the Config fields in it, in help order).
 HELP_GROUPS = (
     ("data", "the shards and how they are read", ("data", "cache_dir", "cache_size_gb", "image_size", "data_order",
@@ -249,12 +214,6 @@ HELP_GROUPS = (
 REQUIRED = ("data",)      # not argparse-required: --config's YAML may give it
 
 
-def _shown(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def help_text(f: dataclasses.Field) -> str:
     """A field's help with its default said once: '(d2l: X' becomes '(default: X, as in d2l' and '(X: meaning'
     '(default X: meaning' when X is the default; no default for required options, nor for empty or None
@@ -264,7 +223,7 @@ def help_text(f: dataclasses.Field) -> str:
         return text + " (required, here or in --config)"
     if f.default in (None, "") or "(default" in text:
         return text
-    shown = _shown(f.default)
+    shown = shown_default(f.default)
     for said, default in ((f"(d2l: {shown}", f"(default: {shown}, as in d2l"), (f"({shown}: ", f"(default {shown}: ")):
         if said in text:            # the help already names the default's value: say once that it is the default
             return text.replace(said, default, 1)
@@ -277,80 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune an ImageNet-pretrained backbone (d2l: ResNet-18) on hotdog / not-hotdog shards "
                     "(d2l recipe). Run it with python, accelerate launch, torchrun or slurm/finetune.sh.",
         epilog="Every option can also come from --config YAML (the same names, - or _); the command line wins.")
-    known = {f.name: f for f in fields(Config)}
-    grouped = [name for _, _, names in HELP_GROUPS for name in names]
-    extra = [name for name in known if name not in grouped]      # a new field nobody grouped yet: still a flag
-    for title, description, names in HELP_GROUPS + ((("more options", None, tuple(extra)),) if extra else ()):
-        group = parser.add_argument_group(title, description)
-        for name in names:
-            _add_flag(group, known[name])
-        if title.startswith("run"):
-            group.add_argument("--config", metavar="YAML", help="read options from this YAML file; flags override it")
+    groups = add_fields(parser, Config, HELP_GROUPS, suppress=True, help=help_text)
+    groups["run, evaluation and checkpoints"].add_argument("--config", metavar="YAML",
+                                                           help="read options from this YAML file; flags override it")
     return parser
-
-
-def _add_flag(group, f: dataclasses.Field) -> None:
-    md = f.metadata
-    if f.type in ("bool", bool):
-        # --x / --no-x, so a YAML 'true' can be switched off from the command line
-        group.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text(f))
-    else:
-        group.add_argument(_flag(f), dest=f.name, type=md["type"] or str, choices=md["choices"],
-                           default=argparse.SUPPRESS, metavar=None if md["choices"] else f.name.upper(),
-                           help=help_text(f))
-
-
-def _from_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as e:
-        parser.error(f"--config {path}: {e.strerror}")
-    except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})")
-    if not isinstance(data, dict):
-        parser.error(f"--config {path}: expected a mapping of option: value")
-    known = {f.name: f for f in fields(Config)}
-    values = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            parser.error(f"--config {path}: unknown option '{key}'")
-        if value is None:       # `key:` with no value: the default, as if the key were absent
-            continue
-        try:
-            values[name] = _typed(known[name], value)
-        except (argparse.ArgumentTypeError, ValueError) as e:
-            parser.error(f"--config {path}: {key}: {e}")
-    return values
-
-
-_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
-
-
-def _typed(f: dataclasses.Field, value):
-    """A YAML value checked against its field's type, then by the flag's own validation (so it is checked
-    exactly like a command-line one). ValueError naming what was expected: YAML reads `no`, `off` and `1.5`
-    as a bool or a float, and a string "false" is not false."""
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    ok = {"bool": isinstance(value, bool),
-          "int": isinstance(value, int) and not isinstance(value, bool),
-          # PyYAML reads 5e-5 (no dot) as a string: a float field takes any string float() accepts
-          "float": isinstance(value, (int, float, str)) and not isinstance(value, bool),
-          "str": isinstance(value, str)}[kind]
-    if not ok:
-        hint = ("; YAML reads unquoted yes/no/on/off/true/false as a bool: quote the value"
-                if isinstance(value, bool) and kind == "str" else "")
-        shown = "a list (write one comma-separated string)" if isinstance(value, list) else \
-            f"{value!r} ({type(value).__name__})"
-        raise ValueError(f"expected {_KINDS[kind]}, got {shown}{hint}")
-    if kind == "bool":
-        return value
-    value = (f.metadata["type"] or str)(str(value))
-    if f.metadata["choices"] and value not in f.metadata["choices"]:
-        raise ValueError(f"choose from {', '.join(f.metadata['choices'])}")
-    return value
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -359,10 +248,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     attribute names the options the user gave (flag or YAML): train.py lets them win over accelerate's own
     settings (finetune/launcher.py)."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    values = _from_yaml(args.pop("config"), parser) if args.get("config") else {}
-    args.pop("config", None)
-    values.update(args)
+    values = parse_with_config(parser, Config, argv)
     cfg = Config(**values)
     given = set(values)
     if not cfg.data:
@@ -373,6 +259,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
         cfg.name = default_name(cfg.arch, cfg.debug and not cfg.output_dir)
     if cfg.lr is None:
         cfg.lr = 5e-4 if cfg.scratch else 5e-5
+    _check_config(cfg, parser, given)
+    cfg.explicit = frozenset(given)
+    return cfg
+
+
+def _check_config(cfg: Config, parser: argparse.ArgumentParser, given: set) -> None:
+    """The cross-field checks, each one line (exit 2) before anything is written."""
     if cfg.scratch and cfg.pretrained not in ("imagenet", "none"):
         parser.error("--scratch trains from random init; drop --pretrained PATH")
     if cfg.scratch and cfg.freeze_backbone:
@@ -393,8 +286,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for module in ("simplejpeg", "cv2") if cfg.augment_with == "opencv" else ():
         check_extra(module, "--augment-with opencv")    # one line now, not a loader worker's traceback later
     parse_signals(cfg.preempt_signals)
-    cfg.explicit = frozenset(given)
-    return cfg
 
 
 def _check_batch_and_loader(cfg: Config, parser: argparse.ArgumentParser, given: set) -> None:
