@@ -34,14 +34,15 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from data_prep.remote import redact_url  # noqa: E402
-from finetune import dali, distributed, launcher, simulated_delay  # noqa: E402
+from finetune import dali, distributed, launcher, precision, rundir, simulated_delay  # noqa: E402
 from finetune.arch import describe_preprocessing, preprocessing  # noqa: E402
-from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic_save, run_identity  # noqa: E402
+from finetune.checkpoint import Checkpointer, TrainState, atomic_save, run_identity  # noqa: E402
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader, train_stream_for)  # noqa: E402
 from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
 from finetune.model import build_model, build_optimizer  # noqa: E402
 from finetune.monitor import Monitor  # noqa: E402
+from finetune.preempt import PreemptionFlag  # noqa: E402
 from finetune.remote import stage_data  # noqa: E402
 from finetune.tracker_checks import check_trackers  # noqa: E402
 from finetune.trackers import parse_log_with  # noqa: E402
@@ -52,7 +53,7 @@ def run(cfg: Config) -> int:
     # First: a preemption signal during start-up (model download, checkpoint load) must not kill the job.
     preempt = PreemptionFlag(cfg.preempt_signals)
     check_names(cfg)
-    with distributed.leave_nothing_if_refused(cfg.run_dir()):    # a refused start: the directory as it was
+    with rundir.leave_nothing_if_refused(cfg.run_dir()):    # a refused start: the directory as it was
         job = set_up(cfg)
         data = make_data(job)
         normalize = make_normalizer(job)
@@ -109,8 +110,8 @@ def set_up(cfg: Config) -> Job:
     if cfg.patience and manifest.val is None:
         raise UsageError(f"--patience needs a val split, and {redact_url(cfg.data)} has none: re-run data_prep "
                          f"with --val-fraction F (e.g. 0.1), or drop --patience")
-    distributed.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
-    who = distributed.describe(accelerator, cfg.run_dir())
+    rundir.lock_run_dir(accelerator, cfg.run_dir())     # first write into the run directory
+    who = distributed.describe(accelerator)
     monitor = Monitor(cfg.run_dir(), accelerator.is_main_process, parse_log_with(cfg.log_with))
     for note in launch.notes:
         monitor.print(note)
@@ -119,7 +120,7 @@ def set_up(cfg: Config) -> Job:
     preprocess = preprocessing(cfg.arch, cfg.image_size)
     monitor.print(describe_preprocessing(preprocess))
     set_seed(cfg.seed)
-    distributed.configure_backends(accelerator.device, cfg.debug)
+    precision.configure_backends(accelerator.device, cfg.debug)
     return Job(cfg, accelerator, manifest, monitor, who, preprocess)
 
 
@@ -236,7 +237,7 @@ def resume(job: Job, checkpointer: Checkpointer) -> TrainState:
     if job.accelerator.is_main_process:
         save_config(job.cfg, job.run_dir / "config.yaml")
     job.monitor.open(state.global_step, job.cfg.to_dict())      # trackers start where the checkpoint stands
-    distributed.write_rank_file(job.run_dir, job.who["me"])     # after every refusal: the start is accepted
+    rundir.write_rank_file(job.run_dir, job.who["me"])     # after every refusal: the start is accepted
     simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
     return state
 
@@ -331,7 +332,7 @@ def finish(job: Job, checkpointer: Checkpointer, state: TrainState, weights: str
                          arch=cfg.arch, preprocess=job.preprocess, weights=weights, test_acc=final.get("test_acc"),
                          ema_test_acc=final.get("ema_test_acc"), chosen=chosen, tta=cfg.tta),
                     run_dir / "model.pt")
-    distributed.write_rank_file(run_dir, {**job.who["me"], "epochs_trained": state.epoch,
+    rundir.write_rank_file(run_dir, {**job.who["me"], "epochs_trained": state.epoch,
                                           "stopped_early": state.stopped_early,
                                           "final_param_sha256": distributed.param_digest(plain_model),
                                           "final_buffer_sha256": distributed.buffer_digest(plain_model)})

@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from finetune import distributed
-from finetune.checkpoint import PreemptionFlag, TrainState
+from finetune.checkpoint import TrainState
 from finetune.config import parse_config
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer
 from finetune.loop import make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
+from finetune.precision import configure_backends
+from finetune.preempt import PreemptionFlag
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,7 +172,7 @@ def main() -> None:
     cfg = parse_config(flags)
     classes = ["hotdog", "not-hotdog"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    distributed.configure_backends(device, debug=False)   # as train.py
+    configure_backends(device, debug=False)   # as train.py
     print(machine())
     if args.sweep or args.sweep_only:
         print(f"sweep: batch {args.batch_size}, {args.image_size}px, {args.steps} steps x {args.repeats} repeats")

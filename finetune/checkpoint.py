@@ -1,13 +1,12 @@
 """Checkpoints: where training stands (`TrainState`), the `Checkpointer` that owns saving and resuming
-(atomic save, keep the last k plus the best, resume from the newest complete one), and the preemption flag
-that signal handlers raise."""
+(atomic save, keep the last k plus the best, resume from the newest complete one). The preemption flag
+that signal handlers raise is in finetune/preempt.py."""
 
 from __future__ import annotations
 
 import os
 import random
 import re
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,47 +15,8 @@ import torch
 from data_prep.fsutil import atomic_link, atomic_open
 
 from . import UsageError, distributed, simulated_delay
-from .config import parse_signals
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Preemption: the handler only sets a flag; the loop checks it at step boundaries (all ranks agree).
-# ------------------------------------------------------------------------------------------------------
-class PreemptionFlag:
-    def __init__(self, names: str):
-        self.requested = False
-        self.signal_name = None
-        for sig in parse_signals(names):
-            signal.signal(sig, self._handler)
-
-        self.stopping = False       # set by stop_now() / poll(): every rank agreed to stop
-        self._vote = None           # distributed.AsyncVote of poll()
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def poll(self, device: torch.device) -> bool:
-        """Per step, without blocking the host on the device: starts this step's vote and returns True on
-        every rank -- at the same step -- once the vote of the previous step found a signal on any rank
-        (distributed.AsyncVote). Call settle() after the last step."""
-        if self._vote is None:
-            self._vote = distributed.AsyncVote(device)
-        self.stopping = self._vote.vote(self.requested) or self.stopping
-        return self.stopping
-
-    def settle(self) -> bool:
-        """Wait for the vote still in flight (an epoch's last step); True if it found a signal."""
-        if self._vote is not None:
-            self.stopping = self._vote.settle() or self.stopping
-        return self.stopping
-
-    def stop_now(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce); remembered in .stopping."""
-        self.stopping = self.stopping or distributed.any_rank(self.requested, device)
-        return self.stopping
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import distributed, simulated_delay
-from .checkpoint import Checkpointer, PreemptionFlag, TrainState
+from .checkpoint import Checkpointer, TrainState
+from .preempt import PreemptionFlag
 from .model import lr_factor, set_lr, set_train_mode
 from .monitor import StepTimer
 

@@ -1,4 +1,6 @@
-"""--precision auto on a CPU with native bf16 kernels (AVX512-BF16 / AMX): fp32 or bf16, by measurement.
+"""Numerics: the backend switches of every run (`configure_backends`: TF32, cudnn autotuning, --debug's
+determinism), and --precision auto on a CPU with native bf16 kernels (AVX512-BF16 / AMX): fp32 or bf16, by
+measurement.
 
 Native kernels do not make bf16 faster for every model: measured on one such CPU, bf16 was 1.8x fp32 for
 ResNet-18 at 224 px in one process, but 0.71x for EfficientNet-Lite0 at 96 px in two processes. So at start
@@ -20,6 +22,20 @@ from pathlib import Path
 import torch
 
 from . import atomic_write_text
+
+
+def configure_backends(device: torch.device, debug: bool) -> None:
+    """Numerics switches, in one place for train.py and the benchmarks. On CUDA: TF32 matmuls and
+    convolutions, and cudnn autotuning (input sizes are fixed, so it tunes once) -- except under --debug,
+    where autotuning stays off because the kernels it picks may differ from run to run."""
+    if debug:
+        torch.autograd.set_detect_anomaly(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not debug
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
 
 BF16_MARGIN = 1.05      # bf16 rounds activations: take it only when it is clearly (>= 5%) faster
 WARMUP, TIMED = 1, 2    # steps per precision: one to warm up (allocations, oneDNN primitives), then the best of 2

@@ -244,7 +244,7 @@ def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
 def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
     line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
-    from finetune import distributed
+    from finetune import rundir
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS]
     first = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "60"})
@@ -258,7 +258,7 @@ def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     assert (run_dir / ".lock").exists()                      # left behind, but no longer locked
-    distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
+    rundir.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
 
 
 def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):

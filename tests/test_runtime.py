@@ -23,9 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import REPO, TINY, free_port, read_json, run_train
 from finetune import distributed, loop, trackers
-from finetune.checkpoint import PreemptionFlag, TrainState
+from finetune.checkpoint import TrainState
 from finetune.config import parse_config
 from finetune.model import lr_factor
+from finetune.preempt import PreemptionFlag
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,7 +69,8 @@ def test_any_rank_and_the_async_vote_are_votes_of_every_rank():
         cpu = torch.device("cpu")
         out["any"] = distributed.any_rank(rank == 1, cpu)
         out["none"] = distributed.any_rank(False, cpu)
-        vote = distributed.AsyncVote(cpu)
+        from finetune.preempt import AsyncVote
+        vote = AsyncVote(cpu)
         out["votes"] = [vote.vote(rank == 1 and step == 1) for step in range(3)] + [vote.settle()]
     """)
     for r in results:
