@@ -220,7 +220,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """What is recorded (config.yaml, checkpoints, tracker params): a --data URL's credentials hidden."""
-        from data_prep.remote import redact_url
+        from data_prep.remote_io import redact_url
         return {**dataclasses.asdict(self), "data": redact_url(self.data)}
 
 

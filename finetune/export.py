@@ -263,7 +263,7 @@ def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
 
     from .data import load_manifest
     from .model import load_trained
-    from .remote import staged_or_local
+    from .staging import staged_or_local
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: no such folder (train.py's --output-dir/--name)")
     model, saved = load_trained(str(run_dir / "model.pt"), flag="RUN_DIR", ema=ema)

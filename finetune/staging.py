@@ -2,7 +2,7 @@
 
 Each node's local main process stages the data set once into a local cache folder (`--cache-dir`, default
 $TMPDIR/hotdog-shards, at most `--cache-size-gb`): the manifest, then every shard, each streamed with retries
-and back-off (data_prep.remote.fetch: size-capped, with a read timeout and a minimum rate), hashed while it
+and back-off (data_prep.remote_io.fetch: size-capped, with a read timeout and a minimum rate), hashed while it
 streams, and renamed into place only when its size and sha256 match the manifest. A shard with the wrong sha256
 is refused; one that stays unreachable stops the job. Any failure -- not only a UsageError -- reaches every rank
 as the same one line (all ranks gather the outcome right after staging), so no rank waits for a timeout.
@@ -31,7 +31,7 @@ from pathlib import Path
 from data_prep.errors import UsageError
 from data_prep.fsutil import pid_alive
 from data_prep.manifest import MANIFEST, file_sha256, read_manifest, shard_path
-from data_prep.remote import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
+from data_prep.remote_io import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
                               retrying, staged_folder)
 
 from . import EXIT_PREEMPTED, distributed
