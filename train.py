@@ -23,7 +23,8 @@ import itertools
 import sys
 from dataclasses import dataclass
 
-from finetune import EXIT_PREEMPTED, UsageError, cli_main
+from common.errors import UsageError, cli_main
+from finetune import EXIT_PREEMPTED
 from finetune.config import Config, check_names, parse_config, parse_or_exit, save_config
 
 # Parse before importing torch (seconds): --help and usage errors answer at once.

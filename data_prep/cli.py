@@ -12,8 +12,9 @@ import signal
 import sys
 import threading
 
+from common.errors import UsageError, cli_main
+
 from . import shards, synthetic
-from .errors import UsageError, cli_main
 from .manifest import read_manifest
 from .options import PrepareOptions, positive_int
 from .prepare import prepare_with

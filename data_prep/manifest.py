@@ -19,8 +19,9 @@ import json
 import re
 from pathlib import Path
 
+from common.errors import UsageError
+
 from . import remote_io
-from .errors import UsageError
 
 FORMAT = "hotdog-wds/1"
 MANIFEST = "manifest.json"

@@ -37,9 +37,10 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from common.errors import UsageError
+from common.fsutil import atomic_output_dir, output_target
+
 from . import __version__, remote_io, shards, sources
-from .errors import UsageError
-from .fsutil import atomic_output_dir, output_target
 from .images import EncodeOptions, Encoded, encode_file
 from .manifest import FORMAT, MANIFEST, read_manifest
 from .options import PrepareOptions, default_workers

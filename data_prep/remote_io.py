@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, TypeVar
 
-from .errors import UsageError
-from .extras import require
+from common.errors import UsageError
+from common.extras import require
 
 SCHEMES = ("http://", "https://", "s3://")
 T = TypeVar("T")

@@ -2,11 +2,11 @@
 
 import os
 
-# The project's one usage-error type and exit-2 path live in data_prep (which must not import finetune);
-# the library re-exports them so its users need only `from finetune import UsageError, cli_main`.
-from data_prep.errors import UsageError, cli_main
+# The project's one usage-error type and exit-2 path live in common (the bottom floor); the library re-exports
+# them for its many users (`from . import UsageError`; finetune.export's and finetune.config's cli_main).
+from common.errors import UsageError, cli_main
 # The one atomic write (an exclusive, unpredictable temporary name: no planted symlink is followed).
-from data_prep.fsutil import atomic_write_text
+from common.fsutil import atomic_write_text
 
 __version__ = "0.1.0"
 

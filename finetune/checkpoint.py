@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.fsutil import atomic_link, atomic_open
+from common.fsutil import atomic_link, atomic_open
 
 from . import UsageError, distributed, simulated_delay
 

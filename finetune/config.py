@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.extras import check as check_extra
+from common.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
 from . import UsageError, atomic_write_text, cli_main

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from data_prep.errors import UsageError
-from data_prep.extras import require
+from common.errors import UsageError
+from common.extras import require
 from data_prep.manifest import file_sha256, read_manifest, shard_path, split_names
 
 from .arch import IMAGENET_MEAN, IMAGENET_STD

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.extras import check, require
-from data_prep.fsutil import new_temp_file
+from common.extras import check, require
+from common.fsutil import new_temp_file
 
 from . import UsageError, cli_main
 

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.errors import UsageError
-from data_prep.fsutil import pid_alive
+from common.errors import UsageError
+from common.fsutil import pid_alive
 from data_prep.manifest import MANIFEST, file_sha256, read_manifest, shard_path
 from data_prep.remote_io import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
                               retrying, staged_folder)

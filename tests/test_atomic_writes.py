@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, REPO, TINY, wait_for
-from data_prep import fsutil
+from common import fsutil
 
 # What a run writes atomically, relative to its run directory (the checkpoint names of a 1-step epoch).
 RUN_FILES = ["config.yaml", "metrics.json", "model.pt", "checkpoints/ckpt-00000001.pt"]
