@@ -35,9 +35,10 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from data_prep.remote_io import redact_url  # noqa: E402
-from finetune import dali, distributed, launcher, precision, rundir, simulated_delay  # noqa: E402
+from finetune import dali, distributed, launcher, precision, rundir  # noqa: E402
 from finetune.arch import describe_preprocessing, preprocessing  # noqa: E402
 from finetune.checkpoint import Checkpointer, TrainState, atomic_save, run_identity  # noqa: E402
+from finetune.context import StepContext  # noqa: E402
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader, train_stream_for)  # noqa: E402
 from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
@@ -55,17 +56,14 @@ def train(cfg: Config) -> int:
     preempt = PreemptionFlag(cfg.preempt_signals)
     check_names(cfg)
     with rundir.leave_nothing_if_refused(cfg.run_dir()):    # a refused start: the directory as it was
-        run = set_up(cfg)
+        run = set_up(cfg, preempt)
         data = make_data(run)
-        normalize = make_normalizer(run)
-        model, optimizer, weights = build_model_and_optimizer(run)
-        ema = make_ema(run.accelerator.unwrap_model(model, keep_torch_compile=False), cfg.ema_decay)
+        ctx, weights = make_step_context(run, data)
         splits = [run.manifest.train, run.manifest.test] + ([run.manifest.val] if run.manifest.val else [])
-        checkpointer = Checkpointer(run.accelerator, model, optimizer, run.run_dir / "checkpoints", cfg.keep_last,
-                                    cfg.to_dict(), run_identity(run.manifest.classes, [s for x in splits for s in x.shards]),
-                                    ema=ema)
+        checkpointer = Checkpointer(ctx, run.run_dir / "checkpoints",
+                                    run_identity(run.manifest.classes, [s for x in splits for s in x.shards]))
         state = resume(run, checkpointer)
-    if fit(run, data, model, optimizer, normalize, checkpointer, state, weights, preempt) == EXIT_PREEMPTED:
+    if fit(run, data, ctx, checkpointer, state, weights) == EXIT_PREEMPTED:
         run.monitor.close()       # flush TensorBoard, end the tracker runs (the requeued job continues them)
         run.accelerator.end_training()     # destroys the process group on this exit path too
         return EXIT_PREEMPTED
@@ -79,13 +77,14 @@ def train(cfg: Config) -> int:
 @dataclass
 class Run:
     """One process's run context (not a Slurm job): what every step of train() needs -- the config, the
-    processes, the data contract and the monitor."""
+    processes, the data contract, the monitor and the preemption flag."""
     cfg: Config
     accelerator: Accelerator
     manifest: Manifest
     monitor: Monitor
     who: dict                   # distributed.describe(): this rank, and every rank's device
     preprocess: dict            # the weights' mean/std and eval resize/crop (finetune.arch.preprocessing)
+    preempt: PreemptionFlag     # set by --preempt-signals' handler (installed before set-up)
 
     @property
     def run_dir(self):
@@ -96,7 +95,7 @@ class Run:
         return self.accelerator.num_processes
 
 
-def set_up(cfg: Config) -> Run:
+def set_up(cfg: Config, preempt: PreemptionFlag) -> Run:
     launch = launcher.decide(cfg)      # accelerate's own mixed_precision / dynamo_backend vs --precision / --compile
     cfg.precision, cfg.compile = launch.precision, launch.dynamo_backend != "no"
     accelerator = distributed.setup(cfg, dynamo_backend=launch.dynamo_backend)
@@ -123,7 +122,7 @@ def set_up(cfg: Config) -> Run:
     monitor.print(describe_preprocessing(preprocess))
     set_seed(cfg.seed)
     precision.configure_backends(accelerator.device, cfg.debug)
-    return Run(cfg, accelerator, manifest, monitor, who, preprocess)
+    return Run(cfg, accelerator, manifest, monitor, who, preprocess, preempt)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,8 +208,17 @@ def make_normalizer(run: Run):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Model and optimizer
+# Model and optimizer, and with them everything a training step needs
 # ------------------------------------------------------------------------------------------------------
+def make_step_context(run: Run, data: Data) -> tuple[StepContext, str]:
+    """The StepContext of finetune.loop (model, optimizer, normaliser, EMA, loss weights), and the line that
+    says where the initial weights came from."""
+    model, optimizer, weights = build_model_and_optimizer(run)
+    ema = make_ema(run.accelerator.unwrap_model(model, keep_torch_compile=False), run.cfg.ema_decay)
+    return StepContext(model, optimizer, run.accelerator, run.cfg, make_normalizer(run), run.monitor, ema=ema,
+                       class_weight=data.class_weight), weights
+
+
 def build_model_and_optimizer(run: Run):
     cfg, accelerator = run.cfg, run.accelerator
     problem = None
@@ -240,36 +248,33 @@ def resume(run: Run, checkpointer: Checkpointer) -> TrainState:
         save_config(run.cfg, run.run_dir / "config.yaml")
     run.monitor.open(state.global_step, run.cfg.to_dict())      # trackers start where the checkpoint stands
     rundir.write_rank_file(run.run_dir, run.who["me"])     # after every refusal: the start is accepted
-    simulated_delay("FINETUNE_TEST_STARTUP_DELAY_S")    # tests: a slow start-up (a model download) to signal into
     return state
 
 
-def fit(run: Run, data: Data, model, optimizer, normalize, checkpointer: Checkpointer, state: TrainState,
-        weights: str, preempt: PreemptionFlag) -> int:
+def fit(run: Run, data: Data, ctx: StepContext, checkpointer: Checkpointer, state: TrainState,
+        weights: str) -> int:
     """Train the remaining epochs, evaluating and checkpointing after each, until --epochs or --patience ends
     the run. Returns 0, or EXIT_PREEMPTED after saving a checkpoint when a preemption signal arrived."""
-    cfg, acc, monitor = run.cfg, run.accelerator, run.monitor
+    cfg, acc, monitor, preempt = run.cfg, run.accelerator, run.monitor, run.preempt
     if state.epoch < cfg.epochs and preempt.stop_now(acc.device):   # a signal during start-up: nothing new
         monitor.print(f"{preempt.signal_name or 'a preemption signal'} received during start-up: nothing "
                       f"trained yet, nothing to save; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs and not state.stopped_early:
-        metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
-                                  state, steps=data.steps, cfg=cfg, accelerator=acc, normalize=normalize,
-                                  monitor=monitor, preempt=preempt, checkpointer=checkpointer,
-                                  ema=checkpointer.ema, class_weight=data.class_weight)
+        metrics = train_one_epoch(ctx, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum), state,
+                                  steps=data.steps, preempt=preempt, checkpointer=checkpointer)
         if preempt.stopping:
             checkpointer.save(state)
             monitor.print(f"{preempt.signal_name or 'a preemption signal'} received: checkpoint saved at step "
                           f"{state.global_step}; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
             return EXIT_PREEMPTED
-        ev = evaluate_all_ranks_alike(run, checkpointer, data, normalize)
+        ev = evaluate_all_ranks_alike(run, checkpointer, data, ctx.normalize)
         record = dict(epoch=state.epoch + 1, step=state.global_step, **metrics, **ev)
         if (peak := distributed.peak_gpu_memory_gib(acc.device)) is not None:
             record["peak_gpu_mem_gib"] = peak
         is_best = state.end_epoch(record)
         state.stopped_early = out_of_patience(run, state)
-        monitor.epoch_end(record, optimizer, state.global_step, run.who["devices"])
+        monitor.epoch_end(record, ctx.optimizer, state.global_step, run.who["devices"])
         monitor.class_metrics(record, run.manifest.classes, state.global_step)
         monitor.write_metrics(dict(epochs=state.history, world_size=run.world, weights=weights))
         checkpointer.save(state, is_best)
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     return code
 
 
-def run_explaining_dead_peers(cfg) -> int:
+def run_explaining_dead_peers(cfg: Config) -> int:
     try:
         return train(cfg)
     except Exception as e:  # noqa: BLE001 -- a dead peer is an event to explain, not a traceback to dump

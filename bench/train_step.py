@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from finetune import distributed
 from finetune.checkpoint import TrainState
 from finetune.config import parse_config
+from finetune.context import StepContext
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer
 from finetune.loop import make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
@@ -95,9 +96,8 @@ class Ours:
         state = TrainState.fresh(self.acc.device)
         sync(self.acc.device)
         t = time.perf_counter()
-        train_one_epoch(self.model, self.opt, it, state, steps=steps, cfg=self.cfg, accelerator=self.acc,
-                        normalize=self.normalize, monitor=self.monitor, preempt=self.preempt, checkpointer=None,
-                        ema=self.ema)
+        ctx = StepContext(self.model, self.opt, self.acc, self.cfg, self.normalize, self.monitor, ema=self.ema)
+        train_one_epoch(ctx, it, state, steps=steps, preempt=self.preempt, checkpointer=None)
         sync(self.acc.device)
         return steps * self.cfg.batch_size / (time.perf_counter() - t)
 

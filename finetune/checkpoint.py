@@ -14,7 +14,8 @@ import torch
 
 from common.fsutil import atomic_link, atomic_open
 
-from . import UsageError, distributed, simulated_delay
+from . import UsageError, distributed
+from .context import StepContext
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -80,15 +81,14 @@ class TrainState:
 # The Checkpointer: the loop calls save(state); train.py calls restore() once
 # ------------------------------------------------------------------------------------------------------
 class Checkpointer:
-    """Owns what a checkpoint holds (the plain model, the optimizer, the scaler, every rank's RNG and sums,
-    the config), where it goes (`directory`), how many are kept (`keep_last`) and best.pt.
-    save() and restore() are collective: every rank calls them; only the main process writes."""
+    """Owns what a checkpoint holds (the plain model, the optimizer, the scaler and the EMA of `ctx`, every
+    rank's RNG and sums, the config), where it goes (`directory`), how many are kept (--keep-last) and
+    best.pt. save() and restore() are collective: every rank calls them; only the main process writes."""
 
-    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict,
-                 identity: dict | None = None, ema=None):
-        self.accelerator, self.optimizer, self.ema = accelerator, optimizer, ema   # ema: --ema-decay's model
-        self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
-        self.directory, self.keep_last, self.config = Path(directory), keep_last, config
+    def __init__(self, ctx: StepContext, directory: Path, identity: dict | None = None):
+        self.accelerator, self.optimizer, self.ema = ctx.accelerator, ctx.optimizer, ctx.ema  # ema: --ema-decay's
+        self.model = ctx.accelerator.unwrap_model(ctx.model, keep_torch_compile=False)   # plain keys in state dicts
+        self.directory, self.keep_last, self.config = Path(directory), ctx.cfg.keep_last, ctx.cfg.to_dict()
         self.identity = identity or {}   # run_identity(): classes and data set, checked on resume
         self.log = print                 # restore() sets the run's logger (the pruning line)
 
@@ -115,7 +115,6 @@ class Checkpointer:
             return (f"cannot write the checkpoint of step {state.global_step} to {self.directory}: "
                     f"{e.strerror or e}; the partial file was removed and the older checkpoints are intact "
                     f"-- free space, then restart with --resume auto")
-        simulated_delay("FINETUNE_TEST_SAVE_DELAY_S")     # tests: a slow shared filesystem
         return None
 
     def restore(self, resume: str, log=print) -> TrainState:

@@ -18,6 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs, gather_object, parse_flag_from_env
 
 from . import UsageError
+from .config import Config
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -63,7 +64,7 @@ def check_one_device_per_rank(local_world_size: int, gpus: int, visible: str | N
                          f"(accelerate launch --num_processes / torchrun --nproc_per_node {gpus} per node)")
 
 
-def setup(cfg, dynamo_backend: str | None = None) -> Accelerator:
+def setup(cfg: Config, dynamo_backend: str | None = None) -> Accelerator:
     """One Accelerator for every way in: python, accelerate launch, torchrun, srun. `dynamo_backend`: what
     finetune.launcher decided (default: inductor with --compile, else none)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,7 +101,7 @@ def setup(cfg, dynamo_backend: str | None = None) -> Accelerator:
     )
 
 
-def loss_scale_start(cfg, world: int) -> float:
+def loss_scale_start(cfg: Config, world: int) -> float:
     """fp16's first loss scale. GradScaler starts at 2**16 for a loss of order 1 (a mean); each rank here
     backpropagates its micro-batch's loss times `scale` (finetune.loop: world x the summed loss for
     --loss-reduction sum), up to world x micro-batch times larger, and the fp16 gradients would overflow:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import atomic_write_text
+from .config import Config
 
 
 def configure_backends(device: torch.device, debug: bool) -> None:
@@ -55,7 +56,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_key(cfg, micro_batch: int, local_procs: int) -> str:
+def cache_key(cfg: Config, micro_batch: int, local_procs: int) -> str:
     return (f"{cpu_model()} | {cfg.arch} | {cfg.image_size}px | micro-batch {micro_batch} | channels_last "
             f"{bool(cfg.channels_last)} | torch {torch.__version__} | {local_procs} x {torch.get_num_threads()} "
             f"threads")
@@ -117,7 +118,7 @@ def measure(arch: str, micro_batch: int, image_size: int, channels_last: bool) -
     return {name: round(micro_batch / seconds, 2) for name, seconds in best.items()}
 
 
-def measured_cpu_precision(cfg, state) -> str:
+def measured_cpu_precision(cfg: Config, state) -> str:
     """finetune.distributed.setup's answer for --precision auto on a bf16-capable CPU; prints one line."""
     from .distributed import gather
     world = state.num_processes

@@ -35,6 +35,7 @@ from data_prep.remote_io import (Backoff, default_cache_dir, fetch, filesystem, 
                               retrying, staged_folder)
 
 from . import EXIT_PREEMPTED, distributed
+from .config import Config
 
 MARKER = ".hotdog-staged.json"       # written by staging into every folder it makes: the only evictable ones
 LOCKS = ".locks"
@@ -61,7 +62,7 @@ def cache_folder(cache: Path, url: str) -> Path:
     return staged_folder(url, cache)
 
 
-def stage_data(cfg, accelerator) -> str:
+def stage_data(cfg: Config, accelerator) -> str:
     """train.py's hook: `cfg.data` unchanged when local; else stage it (local main of each node) and return
     the local folder. Every rank learns every node's outcome: an error -> the same UsageError everywhere; a
     preemption signal -> exit 75 everywhere; Ctrl-C -> one line, exit 130."""
@@ -80,7 +81,7 @@ def stage_data(cfg, accelerator) -> str:
     return str(cache_folder(cache, cfg.data))
 
 
-def _stage_here(cfg, cache: Path):
+def _stage_here(cfg: Config, cache: Path):
     """None when staged, else ("error", one line) or ("stop", signal name, preempt?)."""
     try:
         with _signals_stop_staging(cfg.preempt_signals):
