@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from finetune import UsageError, cli_main
+from common.errors import UsageError, cli_main
 from finetune.data.transforms import DeviceNormalizer
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

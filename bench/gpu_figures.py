@@ -31,6 +31,7 @@ from finetune.data.streams import TrainStream, make_loader
 from finetune.data.transforms import DeviceNormalizer
 from finetune.loop import make_ema
 from finetune.model import build_model, build_optimizer
+from finetune.precision import configure_backends
 
 CLASSES = ["hotdog", "not-hotdog"]
 SIZE = 224                                      # --image-size changes it (tests run small images on the CPU)
@@ -188,7 +189,7 @@ def main() -> None:
     args = p.parse_args()
     SIZE = args.image_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    distributed.configure_backends(device, debug=False)          # cudnn.benchmark, TF32: as train.py
+    configure_backends(device, debug=False)          # cudnn.benchmark, TF32: as train.py
     print(machine(), flush=True)
     KINDS[args.kind](args, device)
 

@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from finetune import distributed
-from finetune.checkpoint import PreemptionFlag, TrainState
+from finetune.checkpoint import TrainState
 from finetune.config import parse_config
 from finetune.arch import IMAGENET_MEAN, IMAGENET_STD
+from finetune.context import StepContext
 from finetune.data.transforms import DeviceNormalizer
 from finetune.loop import make_ema, train_one_epoch
 from finetune.model import build_model, build_optimizer
+from finetune.precision import configure_backends
+from finetune.preempt import PreemptionFlag
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,9 +97,8 @@ class Ours:
         state = TrainState.fresh(self.acc.device)
         sync(self.acc.device)
         t = time.perf_counter()
-        train_one_epoch(self.model, self.opt, it, state, steps=steps, cfg=self.cfg, accelerator=self.acc,
-                        normalize=self.normalize, monitor=self.monitor, preempt=self.preempt, checkpointer=None,
-                        ema=self.ema)
+        ctx = StepContext(self.model, self.opt, self.acc, self.cfg, self.normalize, self.monitor, ema=self.ema)
+        train_one_epoch(ctx, it, state, steps=steps, preempt=self.preempt, checkpointer=None)
         sync(self.acc.device)
         return steps * self.cfg.batch_size / (time.perf_counter() - t)
 
@@ -171,7 +173,7 @@ def main() -> None:
     cfg = parse_config(flags)
     classes = ["hotdog", "not-hotdog"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    distributed.configure_backends(device, debug=False)   # as train.py
+    configure_backends(device, debug=False)   # as train.py
     print(machine())
     if args.sweep or args.sweep_only:
         print(f"sweep: batch {args.batch_size}, {args.image_size}px, {args.steps} steps x {args.repeats} repeats")

@@ -12,8 +12,9 @@ import signal
 import sys
 import threading
 
+from common.errors import UsageError, cli_main
+
 from . import shards, synthetic
-from .errors import UsageError, cli_main
 from .manifest import read_manifest
 from .dataclass_cli import positive_int
 from .options import PrepareOptions

@@ -19,7 +19,7 @@ import os
 from dataclasses import Field, field, fields
 from typing import Any, Callable, Iterable
 
-from .errors import UsageError
+from common.errors import UsageError
 
 # ---- validators: flag text (or a YAML value) -> value, or argparse.ArgumentTypeError ------------------
 _KIND_OF = {int: "an integer", float: "a number"}

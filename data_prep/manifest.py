@@ -19,8 +19,9 @@ import json
 import re
 from pathlib import Path
 
-from . import remote
-from .errors import UsageError
+from common.errors import UsageError
+
+from . import remote_io
 
 FORMAT = "hotdog-wds/1"
 MANIFEST = "manifest.json"
@@ -57,8 +58,8 @@ def shard_path(root: Path, name: str) -> Path:
 def read_manifest(root: str | Path) -> dict:
     """`root/manifest.json`, checked; UsageError (naming the file and the fix) when it is missing or invalid.
     Returns the parsed dict; shard names are checked, so `shard_path(root, name)` cannot fail on them."""
-    if remote.is_remote(root):        # Path() would fold http:// into http:/ and advise a command that cannot work
-        raise UsageError(remote.local_only(root))
+    if remote_io.is_remote(root):        # Path() would fold http:// into http:/ and advise a command that cannot work
+        raise UsageError(remote_io.local_only(root))
     root = Path(root)
     path = root / MANIFEST
     try:

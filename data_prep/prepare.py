@@ -37,9 +37,10 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from . import __version__, remote, shards, sources
-from .errors import UsageError
-from .fsutil import atomic_output_dir, output_target
+from common.errors import UsageError
+from common.fsutil import atomic_output_dir, output_target
+
+from . import __version__, remote_io, shards, sources
 from .images import EncodeOptions, Encoded, encode_file
 from .manifest import FORMAT, MANIFEST, read_manifest
 from .options import PrepareOptions, default_workers
@@ -65,12 +66,12 @@ def prepare(source: str | Path, out: str | Path, *, log: Callable[[str], None] =
 
     Raises `UsageError` for anything the user has to fix; `out` is then left untouched.
     """
-    out = out if remote.is_remote(out) else Path(out)      # Path() would fold s3:// into s3:/
+    out = out if remote_io.is_remote(out) else Path(out)      # Path() would fold s3:// into s3:/
     return prepare_with(PrepareOptions(source=str(source), out=out, **options), log)
 
 
 def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> dict:
-    if remote.is_remote(str(opts.out)):
+    if remote_io.is_remote(str(opts.out)):
         return _prepare_remote(opts, log)
     _check_options(opts)
     source, out = opts.source, Path(opts.out)
@@ -142,7 +143,7 @@ def _prepare_remote(opts: PrepareOptions, log: Callable[[str], None]) -> dict:
     local.parent.mkdir(parents=True, exist_ok=True)
     manifest = prepare_with(dataclasses.replace(opts, out=local), log)
     names = [s["name"] for split in manifest["splits"].values() for s in split["shards"]] + [MANIFEST]
-    remote.upload_folder(local, url, names)
+    remote_io.upload_folder(local, url, names)
     log(f"data_prep: uploaded {len(names) - 1} shards and {MANIFEST} to {url}")
     return manifest
 

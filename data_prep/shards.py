@@ -15,7 +15,8 @@ from typing import Callable
 import braceexpand
 from PIL import Image
 
-from .errors import UsageError
+from common.errors import UsageError
+
 from .manifest import MANIFEST, file_sha256, read_manifest, shard_path
 # The default shard size aims for at least this many train shards: more shards than
 # ranks x dataloader workers keeps every consumer busy (see docs/data.md, "How many shards").

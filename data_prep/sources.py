@@ -29,8 +29,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from tqdm import tqdm
 
-from .errors import UsageError
-from .fsutil import new_temp_file
+from common.errors import UsageError
+from common.fsutil import new_temp_file
+
 from .manifest import file_digests
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import UsageError
-from .fsutil import atomic_output_dir
+from common.errors import UsageError
+from common.fsutil import atomic_output_dir
 
 CLASSES = ("hotdog", "not-hotdog")
 SPLITS = ("train", "test")

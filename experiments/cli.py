@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import UsageError, cli_main
+from common.errors import UsageError, cli_main
 
 from . import plan, report, slurm
 from .run import launcher_argv, prepare_out, run_variant, summarize_metrics

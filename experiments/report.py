@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from data_prep.fsutil import new_temp_file
+from common.fsutil import new_temp_file
 from finetune import atomic_write_text
 
 from . import D2L_REFERENCE

@@ -1,62 +1,23 @@
 """Checkpoints: where training stands (`TrainState`), the `Checkpointer` that owns saving and resuming
-(atomic save, keep the last k plus the best, resume from the newest complete one), and the preemption flag
-that signal handlers raise."""
+(atomic save, keep the last k plus the best, resume from the newest complete one). The preemption flag
+that signal handlers raise is in finetune/preempt.py."""
 
 from __future__ import annotations
 
 import os
 import random
 import re
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from data_prep.fsutil import atomic_link, atomic_open
+from common.fsutil import atomic_link, atomic_open
 
-from . import UsageError, distributed, simulated_delay
-from .config import parse_signals
+from . import UsageError, distributed
+from .context import StepContext
 
 CKPT = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-# ------------------------------------------------------------------------------------------------------
-# Preemption: the handler only sets a flag; the loop checks it at step boundaries (all ranks agree).
-# ------------------------------------------------------------------------------------------------------
-class PreemptionFlag:
-    def __init__(self, names: str):
-        self.requested = False
-        self.signal_name = None
-        for sig in parse_signals(names):
-            signal.signal(sig, self._handler)
-
-        self.stopping = False       # set by stop_now() / poll(): every rank agreed to stop
-        self._vote = None           # distributed.AsyncVote of poll()
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def poll(self, device: torch.device) -> bool:
-        """Per step, without blocking the host on the device: starts this step's vote and returns True on
-        every rank -- at the same step -- once the vote of the previous step found a signal on any rank
-        (distributed.AsyncVote). Call settle() after the last step."""
-        if self._vote is None:
-            self._vote = distributed.AsyncVote(device)
-        self.stopping = self._vote.vote(self.requested) or self.stopping
-        return self.stopping
-
-    def settle(self) -> bool:
-        """Wait for the vote still in flight (an epoch's last step); True if it found a signal."""
-        if self._vote is not None:
-            self.stopping = self._vote.settle() or self.stopping
-        return self.stopping
-
-    def stop_now(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce); remembered in .stopping."""
-        self.stopping = self.stopping or distributed.any_rank(self.requested, device)
-        return self.stopping
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -120,15 +81,14 @@ class TrainState:
 # The Checkpointer: the loop calls save(state); train.py calls restore() once
 # ------------------------------------------------------------------------------------------------------
 class Checkpointer:
-    """Owns what a checkpoint holds (the plain model, the optimizer, the scaler, every rank's RNG and sums,
-    the config), where it goes (`directory`), how many are kept (`keep_last`) and best.pt.
-    save() and restore() are collective: every rank calls them; only the main process writes."""
+    """Owns what a checkpoint holds (the plain model, the optimizer, the scaler and the EMA of `ctx`, every
+    rank's RNG and sums, the config), where it goes (`directory`), how many are kept (--keep-last) and
+    best.pt. save() and restore() are collective: every rank calls them; only the main process writes."""
 
-    def __init__(self, accelerator, model, optimizer, directory: Path, keep_last: int, config: dict,
-                 identity: dict | None = None, ema=None):
-        self.accelerator, self.optimizer, self.ema = accelerator, optimizer, ema   # ema: --ema-decay's model
-        self.model = accelerator.unwrap_model(model, keep_torch_compile=False)   # plain keys in state dicts
-        self.directory, self.keep_last, self.config = Path(directory), keep_last, config
+    def __init__(self, ctx: StepContext, directory: Path, identity: dict | None = None):
+        self.accelerator, self.optimizer, self.ema = ctx.accelerator, ctx.optimizer, ctx.ema  # ema: --ema-decay's
+        self.model = ctx.accelerator.unwrap_model(ctx.model, keep_torch_compile=False)   # plain keys in state dicts
+        self.directory, self.keep_last, self.config = Path(directory), ctx.cfg.keep_last, ctx.cfg.to_dict()
         self.identity = identity or {}   # run_identity(): classes and data set, checked on resume
         self.log = print                 # restore() sets the run's logger (the pruning line)
 
@@ -155,7 +115,6 @@ class Checkpointer:
             return (f"cannot write the checkpoint of step {state.global_step} to {self.directory}: "
                     f"{e.strerror or e}; the partial file was removed and the older checkpoints are intact "
                     f"-- free space, then restart with --resume auto")
-        simulated_delay("FINETUNE_TEST_SAVE_DELAY_S")     # tests: a slow shared filesystem
         return None
 
     def restore(self, resume: str, log=print) -> TrainState:

@@ -20,7 +20,7 @@ from data_prep.dataclass_cli import add_fields, option as _opt, parse_with_confi
 # the shared validators, in the Config body's spelling (kept so that branches adding fields merge)
 from data_prep.dataclass_cli import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
                                     positive_float as _positive_float, positive_int as _positive_int)
-from data_prep.extras import check as check_extra
+from common.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
 from . import UsageError, atomic_write_text, cli_main
@@ -189,7 +189,7 @@ class Config:
 
     def to_dict(self) -> dict:
         """What is recorded (config.yaml, checkpoints, tracker params): a --data URL's credentials hidden."""
-        from data_prep.remote import redact_url
+        from data_prep.remote_io import redact_url
         return {**dataclasses.asdict(self), "data": redact_url(self.data)}
 
 

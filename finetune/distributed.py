@@ -1,23 +1,24 @@
 """Everything that knows about processes: building the Accelerator (DDP, precision, collective timeout),
-who is who, cross-rank agreement and reductions. The training loop itself reads like one process."""
+who is who, cross-rank agreement and reductions. The training loop itself reads like one process.
+(Preemption votes: finetune/preempt.py; the run directory's lock and rank files: finetune/rundir.py;
+the numerics switches: finetune/precision.py.)"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import socket
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs, gather_object, parse_flag_from_env
 
-from . import UsageError, atomic_write_text
+from . import UsageError
+from .config import Config
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -63,7 +64,7 @@ def check_one_device_per_rank(local_world_size: int, gpus: int, visible: str | N
                          f"(accelerate launch --num_processes / torchrun --nproc_per_node {gpus} per node)")
 
 
-def setup(cfg, dynamo_backend: str | None = None) -> Accelerator:
+def setup(cfg: Config, dynamo_backend: str | None = None) -> Accelerator:
     """One Accelerator for every way in: python, accelerate launch, torchrun, srun. `dynamo_backend`: what
     finetune.launcher decided (default: inductor with --compile, else none)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,7 +101,7 @@ def setup(cfg, dynamo_backend: str | None = None) -> Accelerator:
     )
 
 
-def loss_scale_start(cfg, world: int) -> float:
+def loss_scale_start(cfg: Config, world: int) -> float:
     """fp16's first loss scale. GradScaler starts at 2**16 for a loss of order 1 (a mean); each rank here
     backpropagates its micro-batch's loss times `scale` (finetune.loop: world x the summed loss for
     --loss-reduction sum), up to world x micro-batch times larger, and the fp16 gradients would overflow:
@@ -165,10 +166,10 @@ def node_rank() -> int:
     return 0
 
 
-def describe(accelerator: Accelerator, run_dir: Path) -> dict:
-    """Each rank learns who it is (train.py writes it to ranks/rank-N.json once the start is accepted; the
-    launch tests read these) and every rank's device and host, for the first log line and the d2l-style
-    'on [devices]' line."""
+def describe(accelerator: Accelerator) -> dict:
+    """Each rank learns who it is (`me`: the caller writes it, train.py to ranks/rank-N.json once the start is
+    accepted -- finetune.rundir.write_rank_file; the launch tests read these) and every rank's device and
+    host, for the first log line and the d2l-style 'on [devices]' line. Collective; writes nothing."""
     me = dict(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
               world_size=accelerator.num_processes, node_rank=node_rank(), hostname=socket.gethostname(),
               device=str(accelerator.device), pid=os.getpid(),
@@ -181,14 +182,6 @@ def describe(accelerator: Accelerator, run_dir: Path) -> dict:
                 precision=accelerator.mixed_precision)
 
 
-def write_rank_file(run_dir: Path, info: dict) -> None:
-    """ranks/rank-N.json: who this rank is, and at the end a digest of its parameters (equal on all ranks
-    when DDP kept them in sync)."""
-    ranks = run_dir / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ranks / f"rank-{info['rank']}.json", json.dumps(info))
-
-
 def _digest(named_tensors, dtype: torch.dtype) -> str:
     h = hashlib.sha256()
     for name, t in named_tensors:
@@ -199,75 +192,6 @@ def _digest(named_tensors, dtype: torch.dtype) -> str:
 
 def param_digest(model: torch.nn.Module) -> str:
     return _digest(model.named_parameters(), torch.float32)
-
-
-_RUN_LOCK = {}      # run directory -> the open file whose flock this process holds until it exits
-
-
-def lock_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
-    """One job per run directory: global rank 0 takes an exclusive flock on RUN_DIR/.lock for the job's
-    lifetime and writes who holds it; a second job stops on every rank with one line naming the holder.
-    The kernel drops a flock when its process dies (even by SIGKILL), so a dead job never blocks a new one."""
-    problem = None
-    if accelerator.is_main_process:
-        problem = _take_lock(Path(run_dir))
-    agree(accelerator, problem)
-
-
-def _take_lock(run_dir: Path) -> str | None:
-    import fcntl
-    key = str(run_dir.resolve()) if run_dir.exists() else str(run_dir.absolute())
-    if key in _RUN_LOCK:
-        return None
-    created = [p for p in (run_dir.absolute(), *run_dir.absolute().parents) if not p.exists()]   # deepest first
-    if not (run_dir / ".lock").exists():
-        created.insert(0, run_dir.absolute() / ".lock")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        return (f"{run_dir} is in use by another job ({holder}); wait for it to end or choose another "
-                f"--output-dir / --name")
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "-"
-    fh.seek(0)
-    earlier = fh.read()             # an earlier job's line: put back if this start is refused
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"host {socket.gethostname()} pid {os.getpid()} job {job}\n")
-    fh.flush()
-    _RUN_LOCK[str(run_dir.resolve())] = fh
-    _CREATED[str(run_dir.resolve())] = (created, earlier)
-    return None
-
-
-_CREATED = {}       # run directory -> (what taking its lock created: .lock, directories deepest first;
-                    #                 the .lock's earlier content)
-
-
-@contextlib.contextmanager
-def leave_nothing_if_refused(run_dir: Path):
-    """Around a run's start: on a UsageError (a refusal), give up the lock and remove what taking it created
-    -- the .lock file, and the run directory (and parents) if this job made them and they are still empty --
-    so a refused start leaves the directory as it found it."""
-    try:
-        yield
-    except UsageError:
-        key = str(Path(run_dir).resolve())
-        fh = _RUN_LOCK.pop(key, None)
-        if fh is not None:
-            created, earlier = _CREATED.pop(key)
-            fh.seek(0)
-            fh.truncate()
-            fh.write(earlier)
-            fh.close()
-            for path in created:
-                with contextlib.suppress(OSError):    # rmdir: only if empty, the rest is not ours to delete
-                    path.unlink() if path.name == ".lock" else path.rmdir()
-        raise
 
 
 def agree(accelerator: Accelerator, problem: str | None) -> None:
@@ -341,19 +265,6 @@ def peak_gpu_memory_gib(device: torch.device) -> float | None:
     return all_reduce([peak], device, op=dist.ReduceOp.MAX)[0]
 
 
-def configure_backends(device: torch.device, debug: bool) -> None:
-    """Numerics switches, in one place for train.py and the benchmarks. On CUDA: TF32 matmuls and
-    convolutions, and cudnn autotuning (input sizes are fixed, so it tunes once) -- except under --debug,
-    where autotuning stays off because the kernels it picks may differ from run to run."""
-    if debug:
-        torch.autograd.set_detect_anomaly(True)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not debug
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 class AsyncReduce:
     """An all-reduce of a few numbers whose result the host reads later, without blocking on the device.
 
@@ -401,27 +312,3 @@ class AsyncReduce:
             event.synchronize()             # waits for that event only, not for work queued after it
             return self._host.tolist()
         return t.tolist()
-
-
-class AsyncVote:
-    """'Did any rank get a preemption signal?' without blocking the host on the device every step.
-
-    vote(flag) at step k starts an all-reduce (MAX) of this rank's flag (AsyncReduce) and returns the result
-    of the vote started at step k-1 -- by then the device has long finished step k-1 while step k is already
-    queued, so the host stays one step ahead. Every rank reads the same reduced value at the same step, so
-    all ranks stop after the same step (one step after the signal was seen). settle() waits for the last
-    vote (at an epoch's end)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._reduce = AsyncReduce(device, dist.ReduceOp.MAX)
-
-    def vote(self, flag: bool) -> bool:
-        previous = self.settle()
-        self._reduce.start(torch.full((1,), 1.0 if flag else 0.0, dtype=torch.float32, device=self.device))
-        return previous
-
-    def settle(self) -> bool:
-        """The result of the vote in flight (False when none), waiting for it."""
-        result = self._reduce.result()
-        return bool(result and result[0] > 0)

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.extras import check
-from data_prep.fsutil import new_temp_file
+from common.extras import check
+from common.fsutil import new_temp_file
 
 from . import UsageError, cli_main
 from .exported import META_FILE, Exported, exported_scores
@@ -126,7 +126,7 @@ def load_run(run_dir: Path, ema: bool, data: str | None) -> Run:
 
     from .data.manifest import load_manifest
     from .model import load_trained
-    from .remote import staged_or_local
+    from .staging import staged_or_local
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir}: no such folder (train.py's --output-dir/--name)")
     model, saved = load_trained(str(run_dir / "model.pt"), flag="RUN_DIR", ema=ema)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.extras import require
+from common.extras import require
 
 from . import UsageError
 

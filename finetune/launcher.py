@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import UsageError
+from .config import Config
 
 PRECISION_VAR, DYNAMO_VAR = "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND"
 SOURCE = "accelerate's {what} (accelerate config / launch --{what} / {var})"
@@ -32,7 +33,7 @@ class Choice:
     notes: list[str] = field(default_factory=list)     # one line per setting the launcher decided or lost
 
 
-def decide(cfg, env=None) -> Choice:
+def decide(cfg: Config, env=None) -> Choice:
     """The precision and compile backend of this run from cfg (and which options the user gave:
     cfg.explicit, set by finetune.config.parse_config) and the launcher's environment."""
     env = os.environ if env is None else env

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from . import distributed, simulated_delay
-from .checkpoint import Checkpointer, PreemptionFlag, TrainState
+from . import distributed
+from .checkpoint import Checkpointer, TrainState
+from .context import StepContext
+from .preempt import PreemptionFlag
 from .model import lr_factor, set_lr, set_train_mode
 from .monitor import StepTimer
 
@@ -86,29 +88,29 @@ def class_weights(counts: list[int] | None, mode: str, device: torch.device) -> 
     return (counts_t.sum() / (len(counts) * counts_t.clamp_min(1))).to(device)
 
 
-def batch_loss(model, images, labels, accelerator, scale: float, weight: torch.Tensor | None = None):
-    """Forward pass. Returns (loss to backprop, per-sample losses, correct count).
+def batch_loss(ctx: StepContext, images, labels, scale: float):
+    """Forward pass. Returns (loss to backprop, per-sample losses, correct count). The loss is the one place
+    that reads the criterion's settings from `ctx` (now --class-balance's class_weight).
 
     `scale` makes the update depend only on the global batch, however it is split: DDP averages gradients
     over W processes, so the local sum is multiplied by W (sum over the global batch, d2l's `l.sum()`),
     and additionally divided by the global batch size for --loss-reduction mean."""
-    with accelerator.autocast():
-        logits = model(images)
-    losses = F.cross_entropy(logits.float(), labels, weight=weight, reduction="none")
+    with ctx.accelerator.autocast():
+        logits = ctx.model(images)
+    losses = F.cross_entropy(logits.float(), labels, weight=ctx.class_weight, reduction="none")
     correct = (logits.argmax(dim=1) == labels).sum()
     return losses.sum() * scale, losses.detach(), correct
 
 
-def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int, cfg, accelerator, normalize,
-                    monitor, preempt: PreemptionFlag, checkpointer: Checkpointer | None, ema=None,
-                    class_weight: torch.Tensor | None = None) -> dict:
+def train_one_epoch(ctx: StepContext, batches, state: TrainState, *, steps: int, preempt: PreemptionFlag,
+                    checkpointer: Checkpointer | None) -> dict:
     """Runs optimizer steps state.step_in_epoch..steps-1 of state.epoch (steps = optimizer steps per epoch),
     advancing `state` (steps, sums) as it goes, and returns the epoch's training metrics. Checkpoints every
     --save-every steps through `checkpointer`. Stops early when any rank got a preemption signal (then
     preempt.stopping is True on every rank, all after the same step)."""
-    world, start = accelerator.num_processes, state.step_in_epoch
-    scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
-    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone)
+    cfg, accelerator, monitor, start = ctx.cfg, ctx.accelerator, ctx.monitor, state.step_in_epoch
+    scale = accelerator.num_processes / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
+    set_train_mode(ctx.model, cfg.freeze_bn or cfg.freeze_backbone)
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
     bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
@@ -118,11 +120,9 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     distributed.relaxed()     # until every rank is past this epoch's first step (compiling, forking workers)
     timer.start()
     for step in range(start, steps):
-        simulated_slow_rank(accelerator.process_index, step - start)
         with sync_debug(accelerator.device, step - start):
-            set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
-            optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
-                           normalize=normalize, timer=timer, scale=scale, ema=ema, class_weight=class_weight)
+            set_lr(ctx.optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
+            optimizer_step(ctx, batches, state.sums, timer, scale)
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             note_skipped_step(state, accelerator, monitor)
             timer.step_done()
@@ -168,14 +168,6 @@ class RunningLog:
             self.monitor.scalars({"train/loss": loss_sum / n, "train/acc": correct_sum / n}, self.at)
 
 
-def simulated_slow_rank(rank: int, step_in_run: int) -> None:
-    """Tests: with FINETUNE_TEST_SLOW_AT=RANK:STEP, that rank sleeps FINETUNE_TEST_SLOW_STEP_S seconds before
-    the STEP-th step it runs in each epoch (0: the first) -- a rank still compiling, or a fresh loader
-    worker's first batch -- while the other ranks wait for it in that step's collectives."""
-    if os.environ.get("FINETUNE_TEST_SLOW_AT") == f"{rank}:{step_in_run}":
-        simulated_delay("FINETUNE_TEST_SLOW_STEP_S")
-
-
 def sync_debug(device: torch.device, step_in_run: int):
     """FINETUNE_SYNC_DEBUG=error|warn (CUDA only): torch.cuda.set_sync_debug_mode inside the step, so any
     implicit host-device synchronisation there raises (or warns). The first 2 steps of each epoch (cudnn
@@ -197,16 +189,16 @@ def _sync_debug_mode(mode: str):
         torch.cuda.set_sync_debug_mode(old)
 
 
-def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accelerator, normalize, timer,
-                   scale: float, ema=None, class_weight: torch.Tensor | None = None) -> None:
+def optimizer_step(ctx: StepContext, batches, sums: torch.Tensor, timer: StepTimer, scale: float) -> None:
     """One optimizer step over cfg.grad_accum micro-batches; adds [loss sum, correct, samples] to `sums`.
-    Then updates `ema` (an AveragedModel, --ema-decay) from the new weights."""
+    Then updates ctx.ema (an AveragedModel, --ema-decay) from the new weights."""
+    cfg, accelerator, model, optimizer, ema = ctx.cfg, ctx.accelerator, ctx.model, ctx.optimizer, ctx.ema
     for micro in range(cfg.grad_accum):
-        images, labels = normalize(*timer.fetch(batches))
+        images, labels = ctx.normalize(*timer.fetch(batches))
         # Only the last micro-batch all-reduces gradients; the others accumulate locally.
         sync = micro == cfg.grad_accum - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale, class_weight)
+            loss, losses, correct = batch_loss(ctx, images, labels, scale)
             accelerator.backward(loss)
         sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
         sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from . import UsageError, arch as archs, weights
+from .config import Config
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
-def _load_backbone(model: nn.Module, sd: dict, head: str, cfg) -> None:
+def _load_backbone(model: nn.Module, sd: dict, head: str, cfg: Config) -> None:
     """Load everything but the head; any other missing or unexpected key (or shape) is an error."""
     backbone = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
     try:
@@ -27,7 +28,7 @@ def _load_backbone(model: nn.Module, sd: dict, head: str, cfg) -> None:
         raise UsageError(f"--pretrained {cfg.pretrained}: not a state dict of --arch {cfg.arch} ({'; '.join(bad)})")
 
 
-def _head_from_imagenet_class(new_head: nn.Linear, sd: dict | None, head: str, cfg, classes: list[str]) -> str:
+def _head_from_imagenet_class(new_head: nn.Linear, sd: dict | None, head: str, cfg: Config, classes: list[str]) -> str:
     """d2l exercise 4: the 'hotdog' row of the new head starts as row N of the pretrained ImageNet head."""
     row = int(cfg.head_init.split(":")[1])
     old = sd.get(head + ".weight") if sd is not None else None
@@ -42,7 +43,7 @@ def _head_from_imagenet_class(new_head: nn.Linear, sd: dict | None, head: str, c
     return f"; head row 'hotdog' from ImageNet class {row}"
 
 
-def build_model(cfg, classes: list[str]) -> tuple[nn.Module, str]:
+def build_model(cfg: Config, classes: list[str]) -> tuple[nn.Module, str]:
     """Returns the model and a plain sentence saying which weights it started from."""
     model = archs.create(cfg.arch)
     head = archs.find_head(model)
@@ -78,7 +79,7 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, cfg) -> list[dict]:
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """Explicit SGD groups. Fine-tuning: backbone at lr, head at lr x head_lr_mult (d2l); --scratch: one group.
     --no-decay-norm-bias moves normalisation weights and biases to weight_decay 0."""
     split_head = not cfg.scratch
@@ -99,12 +100,12 @@ def param_groups(model: nn.Module, cfg) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg, step: int, steps_per_epoch: int) -> float:
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """Multiplier of each group's initial lr at optimizer step `step` (0-based): warm-up, then the schedule."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import atomic_write_text
+from .config import Config
 
 
 class StepTimer:
@@ -126,7 +127,7 @@ class Monitor:
         if self.is_main:
             print(*args, **kw, flush=True)
 
-    def progress(self, state, steps: int, timer: StepTimer, cfg) -> None:
+    def progress(self, state, steps: int, timer: StepTimer, cfg: Config) -> None:
         """After each optimizer step: every --log-every-s seconds, one progress line on the main process when
         the output is not a terminal (progress_line)."""
         now = time.perf_counter()

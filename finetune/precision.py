@@ -1,4 +1,6 @@
-"""--precision auto on a CPU with native bf16 kernels (AVX512-BF16 / AMX): fp32 or bf16, by measurement.
+"""Numerics: the backend switches of every run (`configure_backends`: TF32, cudnn autotuning, --debug's
+determinism), and --precision auto on a CPU with native bf16 kernels (AVX512-BF16 / AMX): fp32 or bf16, by
+measurement.
 
 Native kernels do not make bf16 faster for every model: measured on one such CPU, bf16 was 1.8x fp32 for
 ResNet-18 at 224 px in one process, but 0.71x for EfficientNet-Lite0 at 96 px in two processes. So at start
@@ -20,6 +22,21 @@ from pathlib import Path
 import torch
 
 from . import atomic_write_text
+from .config import Config
+
+
+def configure_backends(device: torch.device, debug: bool) -> None:
+    """Numerics switches, in one place for train.py and the benchmarks. On CUDA: TF32 matmuls and
+    convolutions, and cudnn autotuning (input sizes are fixed, so it tunes once) -- except under --debug,
+    where autotuning stays off because the kernels it picks may differ from run to run."""
+    if debug:
+        torch.autograd.set_detect_anomaly(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not debug
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
 
 BF16_MARGIN = 1.05      # bf16 rounds activations: take it only when it is clearly (>= 5%) faster
 WARMUP, TIMED = 1, 2    # steps per precision: one to warm up (allocations, oneDNN primitives), then the best of 2
@@ -39,7 +56,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cache_key(cfg, micro_batch: int, local_procs: int) -> str:
+def cache_key(cfg: Config, micro_batch: int, local_procs: int) -> str:
     return (f"{cpu_model()} | {cfg.arch} | {cfg.image_size}px | micro-batch {micro_batch} | channels_last "
             f"{bool(cfg.channels_last)} | torch {torch.__version__} | {local_procs} x {torch.get_num_threads()} "
             f"threads")
@@ -101,7 +118,7 @@ def measure(arch: str, micro_batch: int, image_size: int, channels_last: bool) -
     return {name: round(micro_batch / seconds, 2) for name, seconds in best.items()}
 
 
-def measured_cpu_precision(cfg, state) -> str:
+def measured_cpu_precision(cfg: Config, state) -> str:
     """finetune.distributed.setup's answer for --precision auto on a bf16-capable CPU; prints one line."""
     from .distributed import gather
     world = state.num_processes

@@ -21,7 +21,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from data_prep.extras import check
+from common.extras import check
 
 from . import UsageError, atomic_write_text
 

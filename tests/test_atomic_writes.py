@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
+import faults
 from conftest import PYTHON, REPO, TINY, wait_for
-from data_prep import fsutil
+from common import fsutil
 
 # What a run writes atomically, relative to its run directory (the checkpoint names of a 1-step epoch).
 RUN_FILES = ["config.yaml", "metrics.json", "model.pt", "checkpoints/ckpt-00000001.pt"]
@@ -55,7 +56,7 @@ def test_a_run_and_its_export_never_follow_planted_links(shards, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "FINETUNE_TEST_STARTUP_DELAY_S": "3"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **faults.env(FINETUNE_TEST_STARTUP_DELAY_S=3)}
     proc = subprocess.Popen([PYTHON, "train.py", "--data", str(shards), "--output-dir", str(run_dir),
                              "--pretrained", "none", "--epochs", "1", "--max-steps-per-epoch", "1",
                              "--eval-limit", "4", *TINY], cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import faults
 from conftest import (PYTHON, REPO, TINY, free_port, load_model_pt, read_json, run_train, start_train,
                       wait_for)
 from finetune import EXIT_PREEMPTED, checkpoint
@@ -206,7 +207,7 @@ def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
     rank file appears, during a simulated slow start) ends it with 75, not a death by signal (-10)."""
     run_dir = tmp_path / "run"
     proc = start_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS],
-                       log=tmp_path / "log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "3"})
+                       log=tmp_path / "log", env=faults.env(FINETUNE_TEST_STARTUP_DELAY_S=3))
     wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the rank file", [proc])
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "log").read_text()[-2000:]
@@ -244,10 +245,10 @@ def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
 def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
     line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
-    from finetune import distributed
+    from finetune import rundir
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", "none", *ARGS]
-    first = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_STARTUP_DELAY_S": "60"})
+    first = start_train(args, log=tmp_path / "first.log", env=faults.env(FINETUNE_TEST_STARTUP_DELAY_S=60))
     try:
         wait_for(lambda: (run_dir / "ranks" / "rank-0.json").exists(), 120, "the first job's rank file", [first])
         second = run_train(args, check=False)
@@ -258,7 +259,7 @@ def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     assert (run_dir / ".lock").exists()                      # left behind, but no longer locked
-    distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
+    rundir.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
 
 
 def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
@@ -301,7 +302,7 @@ def test_patience_survives_a_preemption(val_shards, imagenet_like, tmp_path):
     args = ["--data", val_shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", "5",
             "--max-steps-per-epoch", "3", "--save-every", "1", "--patience", "1", "--lr", "1e-12", "--freeze-bn",
             *TINY]
-    proc = start_train(args, log=tmp_path / "first.log", env={"FINETUNE_TEST_SAVE_DELAY_S": "2"})
+    proc = start_train(args, log=tmp_path / "first.log", env=faults.env(FINETUNE_TEST_SAVE_DELAY_S=2))
     wait_for(lambda: "epoch 1:" in (tmp_path / "first.log").read_text(), 240, "epoch 1's evaluation", [proc])
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-2000:]

@@ -15,7 +15,7 @@ from conftest import PYTHON, REPO
 from data_prep.dataclass_cli import (add_fields, choice, existing_path, given_values, nonneg_float, nonneg_int, option,
                                      parse_with_config, positive_float, positive_int, probability, read_yaml,
                                      typed_values)
-from data_prep.errors import UsageError, cli_main
+from common.errors import UsageError, cli_main
 
 
 @dataclass

@@ -128,9 +128,9 @@ def test_bad_argument_is_one_line_exit_2():
 
 # ------------------------------------------------------------------------------------------------ wheels
 # The code the check runs on the GPU image: train.py, the packages it imports, and the bench scripts.
-CHECKED_CODE = ["train.py", "finetune", "data_prep", "bench/gpu_check.py", "bench/gpu_figures.py",
+CHECKED_CODE = ["train.py", "common", "finetune", "data_prep", "bench/gpu_check.py", "bench/gpu_figures.py",
                 "bench/train_step.py", "bench/_common.py"]
-LOCAL = {"finetune", "data_prep", "_common", "train_step", "gpu_figures", "gpu_check", "gpu_wheels"}
+LOCAL = {"common", "finetune", "data_prep", "_common", "train_step", "gpu_figures", "gpu_check", "gpu_wheels"}
 # Imported only inside functions on paths the check does not take (the test checks they are never imported at
 # module level), with the flag that takes them there.
 OPTIONAL = {"mlflow": "--log-with mlflow", "wandb": "--log-with wandb", "s3fs": "--data s3://... (the remote extra)",
@@ -140,7 +140,7 @@ NAMESPACE = {"nvidia"}          # namespace packages: the import name is the fir
 
 
 def _optional_import(node) -> bool:
-    """data_prep.extras' require("cv2", ...) / check(...): an import by name (one line naming the extra if absent)."""
+    """common.extras' require("cv2", ...) / check(...): an import by name (one line naming the extra if absent)."""
     func = getattr(node, "func", None)
     name = getattr(func, "id", None) or getattr(func, "attr", None)
     return (isinstance(node, ast.Call) and name in ("require", "check", "check_extra") and bool(node.args)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+import faults
 from conftest import TINY, read_json, run_train
 from finetune import distributed
 from finetune.data import device_decode as data
@@ -81,7 +82,7 @@ def test_slow_checkpoint_write_is_not_a_dead_rank(shards, imagenet_like, tmp_pat
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, "--epochs", "2",
                "--max-steps-per-epoch", "2", "--eval-limit", "4", "--collective-timeout", "3",
-               "--startup-timeout", "120", *TINY], procs=2, env={"FINETUNE_TEST_SAVE_DELAY_S": "6"}, timeout=400)
+               "--startup-timeout", "120", *TINY], procs=2, env=faults.env(FINETUNE_TEST_SAVE_DELAY_S=6), timeout=400)
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
 
 

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import PYTHON, REPO, TINY, free_port, read_json, run_train, start_train, wait_for
 from data_prep.manifest import file_sha256
-from data_prep.remote import Backoff, Unreachable
+from data_prep.remote_io import Backoff, Unreachable
 from finetune import UsageError
 from finetune.data.manifest import check_shards, load_manifest
-from finetune.remote import cache_folder, stage
+from finetune.staging import cache_folder, stage
 
 FAST = Backoff(tries=6, first=0.2, most=1.0)      # ~3 s of retries: tests do not wait for the defaults
 
@@ -160,7 +160,7 @@ def test_a_data_set_in_use_is_never_evicted(server, shards, tmp_path):
     srv = server(folder=two_data_sets(shards, tmp_path))
     total = sum(p.stat().st_size for p in shards.glob("*.tar"))
     cache = tmp_path / "cache"
-    holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from finetune.remote import stage; "
+    holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from finetune.staging import stage; "
                                f"held = []; stage({srv.url + '/a'!r}, {str(cache)!r}, 10**9, held=held); "
                                "print('staged', flush=True); "
                                "time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -199,7 +199,7 @@ def test_a_shard_larger_than_the_manifest_says_is_cut_off_at_size_plus_one(serve
 
 def test_a_huge_manifest_is_refused_at_its_cap(server, shards, tmp_path):
     """Issue 20, item 4: a 'manifest' larger than 64 MiB is not read into memory or kept in .incoming/."""
-    from finetune.remote import MANIFEST_CAP
+    from finetune.staging import MANIFEST_CAP
     copy = served_copy(shards, tmp_path)
     with open(copy / "manifest.json", "r+b") as f:
         f.truncate(MANIFEST_CAP + (1 << 20))                     # sparse: no 65 MB written to the test disk
@@ -270,7 +270,7 @@ def test_two_runs_staging_one_url_download_it_once(server, shards, tmp_path):
     log = tmp_path / "requests.log"
     srv = server(delay=0.3, log=log)
     cache = tmp_path / "cache"
-    script = f"from finetune.remote import stage; stage({srv.url!r}, {str(cache)!r}, 10**9)"
+    script = f"from finetune.staging import stage; stage({srv.url!r}, {str(cache)!r}, 10**9)"
     first = subprocess.Popen([PYTHON, "-c", script], cwd=REPO)
     try:
         wait_for(lambda: log.exists() and ".tar" in log.read_text(), 60, "the first run's downloads", [first])
@@ -337,7 +337,7 @@ def test_a_full_cache_disk_is_a_local_error_not_retried(server, shards, tmp_path
     if subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
         pytest.skip("needs unshare -Urm (user namespaces) to mount a small tmpfs")
     script = (f"mount -t tmpfs -o size=64k tmpfs {tmp_path}/small && exec {PYTHON} -c "
-              f"\"from data_prep.remote import Backoff; from finetune.remote import stage; "
+              f"\"from data_prep.remote_io import Backoff; from finetune.staging import stage; "
               f"stage('{srv.url}', '{tmp_path}/small/cache', 10**9, Backoff(tries=6, first=5))\"")
     (tmp_path / "small").mkdir()
     start = time.monotonic()
@@ -350,7 +350,7 @@ def test_a_full_cache_disk_is_a_local_error_not_retried(server, shards, tmp_path
 def test_a_url_is_never_folded_into_a_path(tmp_path):
     """Issue 20, item 8: `data_prep verify` (and anything else reading a manifest) given a URL says it reads a
     local folder and names the staged copy, instead of 'no manifest.json in http:/host...'."""
-    from data_prep.remote import staged_folder
+    from data_prep.remote_io import staged_folder
     url = "http://user:secret@127.0.0.1:9/sets/d2l"
     proc = subprocess.run([PYTHON, "-m", "data_prep", "verify", url], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

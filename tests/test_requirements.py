@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from conftest import REPO, TINY
-from data_prep import extras
+from common import extras
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 GPU_IMAGE = {"torch": "2.11.0", "torchvision": "0.26.0", "accelerate": "1.15.0"}
@@ -127,7 +127,7 @@ def test_installed_torchrun_has_signals_to_handle():
 
 
 def test_pyproject_builds_a_wheel_with_the_packages_and_the_extras(tmp_path):
-    """What `pip install -e .` / `pip install .` build: the three packages (not the root scripts or tests), and
+    """What `pip install -e .` / `pip install .` build: the four packages (not the root scripts or tests), and
     metadata whose Requires-Dist carry the extras."""
     import shutil
     src = tmp_path / "src"                  # a copy: an in-tree build would leave build/ and *.egg-info in the clone
@@ -144,7 +144,7 @@ def test_pyproject_builds_a_wheel_with_the_packages_and_the_extras(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         tops = {n.split("/")[0] for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
         meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
-    assert tops == {"finetune", "data_prep", "experiments"}, tops
+    assert tops == {"common", "finetune", "data_prep", "experiments"}, tops
     assert set(meta.get_all("Provides-Extra")) >= {"trackers", "remote", "export", "fast-aug", "dali", "test"}
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("mlflow") and 'extra == "trackers"' in r for r in requires), requires

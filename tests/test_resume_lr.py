@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 
+import faults
 from conftest import TINY, start_train, run_train, wait_for
 from finetune import EXIT_PREEMPTED
 
@@ -33,7 +34,7 @@ def test_resume_with_another_lr_trains_at_the_new_lr(shards, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, *ARGS]
     proc = start_train(args + ["--lr", "0.01"], log=tmp_path / "first.log",
-                       env={"FINETUNE_TEST_SAVE_DELAY_S": "1"})
+                       env=faults.env(FINETUNE_TEST_SAVE_DELAY_S=1))
     wait_for(lambda: len(ckpts(run_dir)) >= 2, 240, "two checkpoints", [proc])
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=180) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]

@@ -21,11 +21,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import faults
 from conftest import REPO, TINY, free_port, read_json, run_train
 from finetune import distributed, loop, trackers
-from finetune.checkpoint import PreemptionFlag, TrainState
+from finetune.checkpoint import TrainState
 from finetune.config import parse_config
+from finetune.context import StepContext
 from finetune.model import lr_factor
+from finetune.preempt import PreemptionFlag
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,7 +71,8 @@ def test_any_rank_and_the_async_vote_are_votes_of_every_rank():
         cpu = torch.device("cpu")
         out["any"] = distributed.any_rank(rank == 1, cpu)
         out["none"] = distributed.any_rank(False, cpu)
-        vote = distributed.AsyncVote(cpu)
+        from finetune.preempt import AsyncVote
+        vote = AsyncVote(cpu)
         out["votes"] = [vote.vote(rank == 1 and step == 1) for step in range(3)] + [vote.settle()]
     """)
     for r in results:
@@ -113,7 +117,7 @@ def test_a_rank_slow_at_an_epochs_first_steps_is_no_dead_rank(shards, imagenet_l
     timeout armed as soon as this host had queued step 0 made rank 0's next collective time out."""
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *SLOW], procs=2,
-              env={"FINETUNE_TEST_SLOW_AT": "1:1", "FINETUNE_TEST_SLOW_STEP_S": "8"}, timeout=400)
+              env=faults.env(FINETUNE_TEST_SLOW_AT="1:1", FINETUNE_TEST_SLOW_STEP_S=8), timeout=400)
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
 
 
@@ -123,7 +127,7 @@ def test_a_rank_hung_in_the_steady_state_fails_the_run_after_the_short_timeout(s
     t0 = time.monotonic()
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", imagenet_like, *SLOW,
                       "--startup-timeout", "300"],
-                     procs=2, env={"FINETUNE_TEST_SLOW_AT": "1:2", "FINETUNE_TEST_SLOW_STEP_S": "1000"},
+                     procs=2, env=faults.env(FINETUNE_TEST_SLOW_AT="1:2", FINETUNE_TEST_SLOW_STEP_S=1000),
                      timeout=400, check=False)
     assert proc.returncode != 0 and time.monotonic() - t0 < 250, proc.stderr[-3000:]
     assert "rank 0: a collective with the other ranks failed" in proc.stderr, proc.stderr[-3000:]
@@ -184,9 +188,9 @@ def _epoch(steps=6, skipped=(), log_every=1000, ema=None, monitor=None, events=N
             yield torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))
     monitor = monitor or SimpleNamespace(scalars=lambda values, step: None, print=lambda *a: None,
                                          progress=lambda *a: None)
-    metrics = loop.train_one_epoch(model, optimizer, batches(), TrainState.fresh(acc.device), steps=steps, cfg=cfg,
-                                   accelerator=acc, normalize=lambda x, y: (x, y), monitor=monitor,
-                                   preempt=PreemptionFlag(""), checkpointer=None, ema=ema)
+    ctx = StepContext(model, optimizer, acc, cfg, normalize=lambda x, y: (x, y), monitor=monitor, ema=ema)
+    metrics = loop.train_one_epoch(ctx, batches(), TrainState.fresh(acc.device), steps=steps,
+                                   preempt=PreemptionFlag(""), checkpointer=None)
     return lrs, metrics, model, ema
 
 

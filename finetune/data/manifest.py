@@ -18,7 +18,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UsageError
+from common.errors import UsageError
 from data_prep.manifest import file_sha256, read_manifest, shard_path, split_names
 
 

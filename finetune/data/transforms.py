@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from data_prep.extras import require
+from common.extras import require
 
 from ..arch import IMAGENET_MEAN, IMAGENET_STD
 

@@ -1,7 +1,7 @@
 """Optional packages: each belongs to one extra of pyproject.toml, and a missing one is one line that names
 the feature, the package and the extra that installs it (a UsageError: exit 2, no traceback).
 
-It lives in data_prep, the bottom of the import graph, because both sides use it: data_prep/remote.py
+It lives in `common`, the bottom of the import graph, because both sides use it: data_prep/remote_io.py
 (fsspec, aiohttp, s3fs) and finetune (trackers, export, the fast augmentation).
 """
 

@@ -2,7 +2,7 @@
 to the shards), through fsspec, with retries and exponential back-off on transient errors.
 
 Owned by data_prep, like the manifest reader, because both sides use it: `data_prep --out s3://...` uploads,
-`finetune.remote` stages shards for train.py. Shard NAMES stay plain file names (data_prep.manifest.shard_path);
+`finetune.staging` stages shards for train.py. Shard NAMES stay plain file names (data_prep.manifest.shard_path);
 only the folder (the data root) may be a URL.
 
 S3 endpoints other than AWS (MinIO, Ceph, moto): set AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; credentials come
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, TypeVar
 
-from .errors import UsageError
-from .extras import require
+from common.errors import UsageError
+from common.extras import require
 
 SCHEMES = ("http://", "https://", "s3://")
 T = TypeVar("T")

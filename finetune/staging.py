@@ -2,7 +2,7 @@
 
 Each node's local main process stages the data set once into a local cache folder (`--cache-dir`, default
 $TMPDIR/hotdog-shards, at most `--cache-size-gb`): the manifest, then every shard, each streamed with retries
-and back-off (data_prep.remote.fetch: size-capped, with a read timeout and a minimum rate), hashed while it
+and back-off (data_prep.remote_io.fetch: size-capped, with a read timeout and a minimum rate), hashed while it
 streams, and renamed into place only when its size and sha256 match the manifest. A shard with the wrong sha256
 is refused; one that stays unreachable stops the job. Any failure -- not only a UsageError -- reaches every rank
 as the same one line (all ranks gather the outcome right after staging), so no rank waits for a timeout.
@@ -28,13 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.errors import UsageError
-from data_prep.fsutil import pid_alive
+from common.errors import UsageError
+from common.fsutil import pid_alive
 from data_prep.manifest import MANIFEST, file_sha256, read_manifest, shard_path
-from data_prep.remote import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
+from data_prep.remote_io import (Backoff, default_cache_dir, fetch, filesystem, is_remote, join, redact_url,
                               retrying, staged_folder)
 
 from . import EXIT_PREEMPTED, distributed
+from .config import Config
 
 MARKER = ".hotdog-staged.json"       # written by staging into every folder it makes: the only evictable ones
 LOCKS = ".locks"
@@ -61,7 +62,7 @@ def cache_folder(cache: Path, url: str) -> Path:
     return staged_folder(url, cache)
 
 
-def stage_data(cfg, accelerator) -> str:
+def stage_data(cfg: Config, accelerator) -> str:
     """train.py's hook: `cfg.data` unchanged when local; else stage it (local main of each node) and return
     the local folder. Every rank learns every node's outcome: an error -> the same UsageError everywhere; a
     preemption signal -> exit 75 everywhere; Ctrl-C -> one line, exit 130."""
@@ -80,7 +81,7 @@ def stage_data(cfg, accelerator) -> str:
     return str(cache_folder(cache, cfg.data))
 
 
-def _stage_here(cfg, cache: Path):
+def _stage_here(cfg: Config, cache: Path):
     """None when staged, else ("error", one line) or ("stop", signal name, preempt?)."""
     try:
         with _signals_stop_staging(cfg.preempt_signals):

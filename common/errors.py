@@ -1,8 +1,8 @@
 """The one usage-error type of the whole project, and the one exit-2 path of every entry point.
 
-It lives here, in the package at the bottom of the import graph, because both sides of the manifest
-contract raise it: `data_prep` (which must never import `finetune`) and `finetune`, which re-exports it
-as `finetune.UsageError`. Entry points (`train.py`, `predict.py`, `python -m data_prep`,
+It lives here, in `common`, the package at the bottom of the import graph, because both `data_prep` (which
+must never import `finetune`) and `finetune` raise it; both re-export it (`data_prep.UsageError`,
+`finetune.UsageError`). Entry points (`train.py`, `predict.py`, `python -m data_prep`,
 `python -m experiments`) wrap their work in `cli_main`, which turns a `UsageError` into one line,
 ``PROG: error: ...`` on stderr, and exit status 2; anything else is a bug and keeps its traceback.
 """
@@ -19,9 +19,6 @@ class UsageError(Exception):
     The message must name the file or flag involved and say what to do about it.
     """
 
-
-# The name data_prep's Python API has always exported; the same class, not a second type.
-DataPrepError = UsageError
 
 
 def cli_main(prog: str, fn: Callable[[], int]) -> int:

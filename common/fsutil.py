@@ -1,6 +1,6 @@
 """Small filesystem helpers shared by `prepare` and `synthetic`, and the project's one way to replace a
-file atomically (`atomic_open`, `atomic_write_text`, `new_temp_file`, `atomic_link`: used by finetune,
-predict/export and experiments too, since data_prep is the bottom of the import graph).
+file atomically (`atomic_open`, `atomic_write_text`, `new_temp_file`, `atomic_link`: used by data_prep, finetune,
+predict/export and experiments alike, hence in `common`, the bottom of the import graph).
 
 Every temporary name is created exclusively (mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW) under an unpredictable
 name in the target's own folder: a link planted at a guessable name (`.config.yaml.tmp-<pid>`) can neither
