@@ -115,6 +115,7 @@ def _one_step(clip: float):
     lr 1 and no momentum / weight decay, so the update is exactly minus the gradient the optimizer saw.
     Returns (norm of the gradient at optimizer.step, norm of the weight update, the update)."""
     from accelerate import Accelerator
+    from finetune.context import StepContext
     from finetune.loop import optimizer_step
     from finetune.monitor import StepTimer
     torch.manual_seed(0)
@@ -134,8 +135,8 @@ def _one_step(clip: float):
     cfg = _cfg("--clip-grad", clip) if clip else _cfg()
     timer = StepTimer(0, torch.device("cpu"))
     timer.start()
-    optimizer_step(model, opt, iter([(images, labels)]), torch.zeros(3, dtype=torch.float64), cfg=cfg,
-                   accelerator=Accelerator(cpu=True), normalize=lambda x, y: (x, y), timer=timer, scale=1.0)
+    ctx = StepContext(model, opt, Accelerator(cpu=True), cfg, normalize=lambda x, y: (x, y), monitor=None)
+    optimizer_step(ctx, iter([(images, labels)]), torch.zeros(3, dtype=torch.float64), timer, scale=1.0)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     update = after - before
     assert len(seen) == 1

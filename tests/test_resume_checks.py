@@ -11,6 +11,7 @@ import torch
 
 from finetune import UsageError, checkpoint
 from finetune.checkpoint import Checkpointer, TrainState
+from finetune.context import StepContext
 
 CONFIG = dict(arch="resnet18", batch_size=8, lr=5e-5, epochs=2, data="shards")
 IDENTITY = dict(classes=["hotdog", "not-hotdog"], data_sha256="a" * 64)
@@ -25,8 +26,10 @@ def fake_accelerator(rank=0, world=1):
 def checkpointer(directory, config=CONFIG, identity=IDENTITY, out=2, **acc):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, out)
-    return Checkpointer(fake_accelerator(**acc), model, torch.optim.SGD(model.parameters(), lr=0.1),
-                        directory, keep_last=5, config=dict(config), identity=dict(identity))
+    cfg = SimpleNamespace(keep_last=5, to_dict=lambda: dict(config))      # what the Checkpointer reads of a Config
+    ctx = StepContext(model, torch.optim.SGD(model.parameters(), lr=0.1), fake_accelerator(**acc), cfg,
+                      normalize=None, monitor=None)
+    return Checkpointer(ctx, directory, identity=dict(identity))
 
 
 def write(directory, step=4, step_in_epoch=0, **kw):

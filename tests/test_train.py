@@ -342,6 +342,7 @@ def test_class_balanced_loss_improves_balanced_accuracy_on_a_9_to_1_set():
     """A generated 9:1 two-class set (overlapping Gaussians): the same training with --class-balance loss's
     weights (from the class counts) gets a higher balanced accuracy than 'none'."""
     from accelerate import Accelerator
+    from finetune.context import StepContext
     from finetune.loop import batch_loss, class_metrics, class_weights
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(900, 2, generator=g), torch.randn(100, 2, generator=g) + 1.5])
@@ -354,7 +355,8 @@ def test_class_balanced_loss_improves_balanced_accuracy_on_a_9_to_1_set():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         weight = class_weights([900, 100], mode, torch.device("cpu"))
         for _ in range(200):
-            loss, _, _ = batch_loss(model, x, y, acc, 1 / len(y), weight)
+            ctx = StepContext(model, opt, acc, cfg=None, normalize=None, monitor=None, class_weight=weight)
+            loss, _, _ = batch_loss(ctx, x, y, 1 / len(y))
             opt.zero_grad()
             loss.backward()
             opt.step()
