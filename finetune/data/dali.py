@@ -247,14 +247,14 @@ class FloatPassNormalizer(DeviceNormalizer):
         return images, labels.to(self.device, non_blocking=True) if labels is not None else None
 
 
-def make_train_loader(job, split: Split, *, steps: int, threads: int) -> DaliTrainLoader:
-    """train.py's DALI train loader for this rank (`job`: train.Job; index files must exist: build_indexes):
+def make_train_loader(run, split: Split, *, steps: int, threads: int) -> DaliTrainLoader:
+    """train.py's DALI train loader for this rank (`run`: train.Run; index files must exist: build_indexes):
     epoch after epoch of `steps` optimizer steps, continuously, like train.py's TrainStream."""
-    cfg, acc = job.cfg, job.accelerator
+    cfg, acc = run.cfg, run.accelerator
     world = acc.num_processes
     spec = DaliSpec(split, index_paths(split), acc.process_index, world, cfg.batch_size // (world * cfg.grad_accum),
                     cfg.image_size, cfg.seed, cfg.shuffle_buffer, threads, _cuda_index(acc.device),
-                    tuple(job.preprocess["mean"]), tuple(job.preprocess["std"]))
+                    tuple(run.preprocess["mean"]), tuple(run.preprocess["std"]))
     return DaliTrainLoader(spec, batches_per_epoch=steps * cfg.grad_accum)
 
 
