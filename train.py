@@ -40,7 +40,9 @@ from finetune.checkpoint import Checkpointer, PreemptionFlag, TrainState, atomic
 from finetune.data import (DeviceDecoder, DeviceNormalizer, EvalStream, Manifest, TrainStream, auto_workers,
                            check_shards, load_manifest, make_loader, train_stream_for)  # noqa: E402
 from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
-from finetune.model import build_model, build_optimizer  # noqa: E402
+from finetune.mixing import train_normalizer  # noqa: E402
+from finetune.model import build_model  # noqa: E402
+from finetune.recipe import batch_note, build_optimizer, steps_per_epoch  # noqa: E402
 from finetune.monitor import Monitor  # noqa: E402
 from finetune.remote import stage_data  # noqa: E402
 from finetune.tracker_checks import check_trackers  # noqa: E402
@@ -161,12 +163,15 @@ def make_data(job: Job) -> Data:
     cfg, acc, manifest = job.cfg, job.accelerator, job.manifest
     world, rank = acc.num_processes, acc.process_index
     distributed.agree(acc, check_shards(manifest) if acc.is_local_main_process else None)
-    steps = manifest.train.num_samples // cfg.batch_size
+    steps = steps_per_epoch(manifest.train.num_samples, cfg.batch_size,
+                            cfg.epoch_steps if cfg.data_order == "random" else "floor")
     if steps == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {manifest.train.num_samples} "
                          f"training samples in {redact_url(cfg.data)}")
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
+    if note := batch_note(manifest.train.num_samples, cfg.batch_size, steps):
+        job.monitor.print(note)
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)
     pin = acc.device.type == "cuda"
     if cfg.loader == "dali":    # index files once per node (the local main process), then every rank's pipeline
@@ -178,7 +183,7 @@ def make_data(job: Job) -> Data:
                                         accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
                                         seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
                                         decode_on=cfg.decode_on, augment_with=cfg.augment_with)
-        train_stream.continuous = True
+        train_stream.continuous, train_stream.augment_policy = True, cfg.augment_policy
 
     def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
         return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,
@@ -252,7 +257,8 @@ def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpo
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs and not state.stopped_early:
         metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
-                                  state, steps=data.steps, cfg=cfg, accelerator=acc, normalize=normalize,
+                                  state, steps=data.steps, cfg=cfg, accelerator=acc,
+                                  normalize=train_normalizer(normalize, cfg, len(job.manifest.classes)),
                                   monitor=monitor, preempt=preempt, checkpointer=checkpointer,
                                   ema=checkpointer.ema, class_weight=data.class_weight)
         if preempt.stopping:

@@ -20,6 +20,7 @@ from data_prep.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
 from . import UsageError, atomic_write_text, cli_main
+from .recipe import apply_recipe, check_recipe_options
 from .trackers import parse_log_with
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -108,6 +109,11 @@ class Config:
     loss_reduction: str = _opt("'sum' sums the loss over the global batch like d2l's l.sum(); 'mean' averages; "
                                "both are independent of the number of processes", choices=("sum", "mean"),
                                default="sum")
+    recipe: str = _opt("'d2l' (the book's recipe: these defaults) or 'modern': AdamW, no decay on norms/biases, "
+                       "batch 32 with every image each epoch, 1 warm-up epoch + cosine, label smoothing 0.1, "
+                       "layer-wise lr decay 0.85, TrivialAugment, drop-path 0.1 (timm), EMA 0.9; any option given "
+                       "explicitly wins (finetune/recipe.py MODERN, docs/guide.md)", choices=("d2l", "modern"),
+                       default="d2l")
     # ---- model ------------------------------------------------------------------------------------------
     arch: str = _opt("backbone: a torchvision classification model (resnet18 = d2l, resnet50, convnext_tiny, "
                      "efficientnet_b0, vit_b_16, ...) or a timm model as timm:NAME (timm:convnext_nano, "
@@ -126,6 +132,8 @@ class Config:
     freeze_bn: bool = _opt("keep BatchNorm running statistics fixed (eval mode), common with small per-GPU "
                            "batches", default=False)
     sync_bn: bool = _opt("synchronise BatchNorm statistics across processes (GPU only)", default=False)
+    drop_path: float = _opt("stochastic depth rate of a timm backbone (timm's drop_path_rate; 0: off)",
+                            type=_nonneg_float, default=0.0)
     # ---- optimisation -----------------------------------------------------------------------------------
     schedule: str = _opt("lr schedule per optimizer step (d2l: constant)", choices=("constant", "cosine", "step"),
                          default="constant")
@@ -142,6 +150,20 @@ class Config:
     class_balance: str = _opt("for skewed classes (the manifest's train class counts): 'loss' weights each class "
                               "by N / (C x count), 'resample' draws every class equally often (--data-order "
                               "random)", choices=("none", "loss", "resample"), default="none")
+    optimizer: str = _opt("'sgd' (d2l) or 'adamw' (decoupled weight decay)", choices=("sgd", "adamw"),
+                          default="sgd")
+    layer_decay: float = _opt("layer-wise lr decay: the backbone layer k below the top learns at lr x D**k (layers "
+                              "from timm's group matcher, else from the module order; 1: off)",
+                              type=_positive_float, default=1.0)
+    warmup_epochs: float = _opt("linear lr warm-up over this many epochs (when --warmup-steps is 0)",
+                                type=_nonneg_float, default=0.0)
+    label_smoothing: float = _opt("label smoothing of the training loss (0: off)", type=_nonneg_float, default=0.0)
+    mixup: float = _opt("mixup: each training batch mixed with its mirror, lambda ~ Beta(A, A) (0: off)",
+                        type=_nonneg_float, default=0.0)
+    cutmix: float = _opt("cutmix alpha (0: off; with --mixup too, each batch gets one of them)",
+                         type=_nonneg_float, default=0.0)
+    probe_epochs: int = _opt("LP-FT: train only the head (backbone frozen, BatchNorm in eval) for the first N "
+                             "epochs, then everything (0: off)", type=_nonneg_int, default=0)
     # ---- speed ----------------------------------------------------------------------------------------
     precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: fp32 or bf16, whichever "
                           "a few timed steps of this model find faster, cached per CPU), no, fp16 (GPU only), bf16. "
@@ -174,9 +196,15 @@ class Config:
                            "'sequential': the manifest order, split into the same global batches whatever "
                            "the number of processes (reproducible across world sizes, for debugging)",
                            choices=("random", "sequential"), default="random")
+    augment_policy: str = _opt("extra training augmentation after the crop: 'trivialaugment' (TrivialAugmentWide) "
+                               "or 'randaugment' (torchvision, on the uint8 crop; --loader torchvision, "
+                               "--decode-on cpu)", choices=("none", "trivialaugment", "randaugment"), default="none")
     # ---- run length, evaluation, logging ------------------------------------------------------------------
     max_steps_per_epoch: int = _opt("cap optimizer steps per epoch (0: train_samples // batch_size)",
                                     type=_nonneg_int, default=0)
+    epoch_steps: str = _opt("optimizer steps per epoch: 'floor' (d2l: whole batches, the remainder unseen that "
+                            "epoch) or 'ceil' (every training image each epoch; the random stream resamples)",
+                            choices=("floor", "ceil"), default="floor")
     eval_limit: int = _opt("evaluate only the first N test samples (0: all)", type=_nonneg_int, default=0)
     patience: int = _opt("early stopping: stop after N epochs without a better val accuracy (0: off; needs a val "
                          "split, data_prep --val-fraction)", type=_nonneg_int, default=0)
@@ -367,6 +395,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     given = set(values)
     if not cfg.data:
         parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
+    apply_recipe(cfg, given)        # --recipe modern: its values for the options not given; --debug's win
     if cfg.debug:
         apply_debug(cfg, given)
     if not cfg.name:
@@ -393,6 +422,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     for module in ("simplejpeg", "cv2") if cfg.augment_with == "opencv" else ():
         check_extra(module, "--augment-with opencv")    # one line now, not a loader worker's traceback later
     parse_signals(cfg.preempt_signals)
+    check_recipe_options(cfg)
     cfg.explicit = frozenset(given)
     return cfg
 

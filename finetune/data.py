@@ -39,6 +39,7 @@ from data_prep.extras import require
 from data_prep.manifest import file_sha256, read_manifest, shard_path, split_names
 
 from .arch import IMAGENET_MEAN, IMAGENET_STD
+from .mixing import augment
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -495,6 +496,7 @@ class TrainStream(IterableDataset):
         self.micro_batch, self.accum, self.steps = micro_batch, accum, steps
         self.image_size, self.seed, self.order, self.shuffle_buffer = image_size, seed, order, shuffle_buffer
         self.epoch, self.skip, self.continuous = 0, 0, False
+        self.augment_policy = "none"      # --augment-policy (finetune.mixing.augment), torchvision path only
 
     def _random(self, worker: int, num_workers: int):
         rng = random.Random(f"shards-{self.seed}-{self.epoch}-{self.rank}-{worker}")
@@ -558,7 +560,9 @@ class TrainStream(IterableDataset):
             return lambda items: collate_raw([(raw_sample(data, rng), y) for data, rng, y in items])
         if self.augment_with == "opencv":
             return lambda items: opencv_batch(items, size)
-        return lambda items: collate([(train_transform(decode(data), size, rng), y) for data, rng, y in items])
+        policy = self.augment_policy
+        return lambda items: collate([(augment(train_transform(decode(data), size, rng), policy, rng), y)
+                                      for data, rng, y in items])
 
 
 class ResampledTrainStream(TrainStream):

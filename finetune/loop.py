@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from . import distributed, simulated_delay
 from .checkpoint import Checkpointer, PreemptionFlag, TrainState
-from .model import lr_factor, set_lr, set_train_mode
+from .model import set_train_mode
+from .recipe import enter_phase, lr_factor, set_lr
 from .monitor import StepTimer
 
 
@@ -86,16 +87,19 @@ def class_weights(counts: list[int] | None, mode: str, device: torch.device) -> 
     return (counts_t.sum() / (len(counts) * counts_t.clamp_min(1))).to(device)
 
 
-def batch_loss(model, images, labels, accelerator, scale: float, weight: torch.Tensor | None = None):
+def batch_loss(model, images, labels, accelerator, scale: float, weight: torch.Tensor | None = None,
+               smoothing: float = 0.0):
     """Forward pass. Returns (loss to backprop, per-sample losses, correct count).
 
     `scale` makes the update depend only on the global batch, however it is split: DDP averages gradients
     over W processes, so the local sum is multiplied by W (sum over the global batch, d2l's `l.sum()`),
-    and additionally divided by the global batch size for --loss-reduction mean."""
+    and additionally divided by the global batch size for --loss-reduction mean. `labels`: class indices, or
+    soft targets [N, C] (--mixup / --cutmix; accuracy then counts the larger share); `smoothing`:
+    --label-smoothing."""
     with accelerator.autocast():
         logits = model(images)
-    losses = F.cross_entropy(logits.float(), labels, weight=weight, reduction="none")
-    correct = (logits.argmax(dim=1) == labels).sum()
+    losses = F.cross_entropy(logits.float(), labels, weight=weight, reduction="none", label_smoothing=smoothing)
+    correct = (logits.argmax(dim=1) == (labels.argmax(dim=1) if labels.ndim == 2 else labels)).sum()
     return losses.sum() * scale, losses.detach(), correct
 
 
@@ -108,7 +112,8 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     preempt.stopping is True on every rank, all after the same step)."""
     world, start = accelerator.num_processes, state.step_in_epoch
     scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
-    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone)
+    probe = enter_phase(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, state.epoch, world)
+    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone or probe)   # --probe-epochs: BatchNorm in eval
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
     bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
@@ -120,7 +125,7 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     for step in range(start, steps):
         simulated_slow_rank(accelerator.process_index, step - start)
         with sync_debug(accelerator.device, step - start):
-            set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
+            set_lr(optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps), probe and world > 1)
             optimizer_step(model, optimizer, batches, state.sums, cfg=cfg, accelerator=accelerator,
                            normalize=normalize, timer=timer, scale=scale, ema=ema, class_weight=class_weight)
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
@@ -206,7 +211,8 @@ def optimizer_step(model, optimizer, batches, sums: torch.Tensor, *, cfg, accele
         # Only the last micro-batch all-reduces gradients; the others accumulate locally.
         sync = micro == cfg.grad_accum - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale, class_weight)
+            loss, losses, correct = batch_loss(model, images, labels, accelerator, scale, class_weight,
+                                               cfg.label_smoothing)
             accelerator.backward(loss)
         sums[:2] += torch.stack([losses.sum(), correct.to(losses.dtype)]).to(sums)
         sums[2] += len(labels)       # a Python number: no host-to-device copy (a stream sync on CUDA)
