@@ -99,23 +99,23 @@ def layer_ids(model) -> tuple[dict, int]:
 
 
 def param_groups(model, cfg) -> list[dict]:
-    """Groups keyed by (head or layer, decay or not): lr = cfg.lr x layer_decay ** (layers - 1 - layer),
+    """Groups keyed by (head or layer, decay or not): lr = cfg.lr x layer_decay ** (top layer - layer),
     the head at cfg.lr x head_lr_mult; weight decay 0 for norms and biases unless --decay-norm-bias.
     Each group carries `initial_lr` (the schedule multiplies it) and `is_head` (the probe phase)."""
     from .arch import find_head
     from .model import no_decay_names
     head = find_head(model) + "."
     exempt = set() if cfg.decay_norm_bias else no_decay_names(model)
-    ids, layers = layer_ids(model)
+    ids, _ = layer_ids(model)
+    top = max((i for n, i in ids.items() if not n.startswith(head)), default=0)    # the backbone's last layer
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_head, no_decay = name.startswith(head), name in exempt
-        layer = layers if is_head else ids[name]
-        key = f"{'head' if is_head else f'layer{layer}'}{'_no_decay' if no_decay else ''}"
+        key = f"{'head' if is_head else f'layer{ids[name]}'}{'_no_decay' if no_decay else ''}"
         if key not in groups:
-            lr = cfg.lr * (cfg.head_lr_mult if is_head else cfg.layer_decay ** (layers - 1 - layer))
+            lr = cfg.lr * (cfg.head_lr_mult if is_head else cfg.layer_decay ** (top - ids[name]))
             groups[key] = dict(name=key, params=[], lr=lr, initial_lr=lr, is_head=is_head,
                                weight_decay=0.0 if no_decay else cfg.weight_decay)
         groups[key]["params"].append(p)
