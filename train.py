@@ -258,7 +258,8 @@ def fit(job: Job, data: Data, model, optimizer, normalize, checkpointer: Checkpo
     while state.epoch < cfg.epochs and not state.stopped_early:
         metrics = train_one_epoch(model, optimizer, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum),
                                   state, steps=data.steps, cfg=cfg, accelerator=acc,
-                                  normalize=train_normalizer(normalize, cfg, len(job.manifest.classes)),
+                                  normalize=train_normalizer(normalize, cfg, len(job.manifest.classes),
+                                                             state.global_step),
                                   monitor=monitor, preempt=preempt, checkpointer=checkpointer,
                                   ema=checkpointer.ema, class_weight=data.class_weight)
         if preempt.stopping:

@@ -167,7 +167,7 @@ def test_mixup_targets_are_soft_and_mix_the_partner_labels():
 def test_cutmix_pastes_a_box_and_weighs_the_labels_by_its_area():
     torch.manual_seed(1)
     images = torch.stack([torch.zeros(1, 10, 10), torch.ones(1, 10, 10)])
-    mixed, targets = mixing.mix(images, torch.tensor([0, 1]), 2, mixup=0.0, cutmix=1.0)
+    mixed, targets = mixing.mix(images, torch.tensor([0, 1]), 2, mixup=0.0, cutmix=1.0, rng=random.Random(1))
     pasted = mixed[0].mean().item()               # sample 0 (zeros) got a box of its partner's ones
     assert 0 < pasted < 1 and targets[0, 1].item() == pytest.approx(pasted)
 
@@ -297,3 +297,35 @@ def test_modern_lpft_run_freezes_then_trains_and_resumes_across_the_phase(shards
                "--resume", again / "checkpoints" / "ckpt-00000002.pt"])
     resumed = load_model_pt(again)["state_dict"]
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+# ------------------------------------------------------------------------------------------------------
+# experiments report: the contact sheet of the best run's errors
+# ------------------------------------------------------------------------------------------------------
+def test_report_draws_the_best_runs_errors(shards, tmp_path):
+    from PIL import Image
+
+    from experiments import errors
+    from finetune import arch
+    torch.manual_seed(0)
+    model = arch.create("resnet18")
+    arch.replace_head(model, "fc", 2)
+    spec = arch.preprocessing("resnet18", 32)
+    for name, acc in (("worse", 0.1), ("best", 0.9)):
+        (tmp_path / name).mkdir()
+        torch.save(dict(state_dict=model.state_dict(), classes=["hotdog", "not-hotdog"], preprocess=spec,
+                        arch="resnet18"), tmp_path / name / "model.pt")
+    results = dict(data=str(shards), variants=[
+        dict(name=n, status="ok", run_dir=str(tmp_path / n), final_test_acc=a) for n, a in (("worse", 0.1),
+                                                                                         ("best", 0.9))]
+        + [dict(name="failed", status="failed", run_dir=str(tmp_path / "nope"), final_test_acc=1.0)])
+    assert errors.best_run(results)["name"] == "best"
+    scored, classes = errors.predict_test(tmp_path / "best" / "model.pt", str(shards))
+    wrong = [s for s in scored if s[1] != s[2]]
+    assert len(scored) == 13 and classes == ["hotdog", "not-hotdog"] and wrong        # an untrained head errs
+    sheet = errors.write_errors(results, tmp_path)
+    with Image.open(sheet) as png:
+        rows = -(-len(wrong) // errors.COLUMNS)
+        assert png.size == (errors.COLUMNS * errors.TILE, 24 + rows * (errors.TILE + errors.CAPTION))
+    errors.contact_sheet([], classes, "none", tmp_path / "empty.png")           # no errors: still a sheet
+    assert Image.open(tmp_path / "empty.png").size[1] == 24 + errors.TILE + errors.CAPTION
