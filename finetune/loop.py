@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from . import distributed, simulated_delay
 from .checkpoint import Checkpointer, PreemptionFlag, TrainState
-from .model import set_train_mode
-from .recipe import enter_phase, lr_factor, set_lr
+from .recipe import lr_factor, set_lr, start_epoch
 from .monitor import StepTimer
 
 
@@ -112,8 +111,7 @@ def train_one_epoch(model, optimizer, batches, state: TrainState, *, steps: int,
     preempt.stopping is True on every rank, all after the same step)."""
     world, start = accelerator.num_processes, state.step_in_epoch
     scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
-    probe = enter_phase(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, state.epoch, world)
-    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone or probe)   # --probe-epochs: BatchNorm in eval
+    probe = start_epoch(model, cfg, state.epoch, accelerator)     # train mode; --probe-epochs: the probe phase
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
     bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty

@@ -179,6 +179,16 @@ def enter_phase(model, cfg, epoch: int, world: int) -> bool:
     return probe
 
 
+def start_epoch(model, cfg, epoch: int, accelerator) -> bool:
+    """The model's mode for an epoch: train, BatchNorm in eval under --freeze-bn / --freeze-backbone and in the
+    probe phase, whose parameters enter_phase sets. Returns whether this epoch probes."""
+    from .model import set_train_mode
+    world = accelerator.num_processes
+    probe = enter_phase(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, epoch, world)
+    set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone or probe)
+    return probe
+
+
 def set_lr(optimizer, factor: float, backbone_frozen: bool = False) -> None:
     """Each group's lr = its initial lr x factor; 0 for the backbone's groups while `backbone_frozen`."""
     for group in optimizer.param_groups:
