@@ -329,3 +329,15 @@ def test_report_draws_the_best_runs_errors(shards, tmp_path):
         assert png.size == (errors.COLUMNS * errors.TILE, 24 + rows * (errors.TILE + errors.CAPTION))
     errors.contact_sheet([], classes, "none", tmp_path / "empty.png")           # no errors: still a sheet
     assert Image.open(tmp_path / "empty.png").size[1] == 24 + errors.TILE + errors.CAPTION
+
+
+def test_compare_knows_the_recipe_variants():
+    from experiments import plan
+    weights = plan.Weights("imagenet", "imagenet", None, True, "test")
+    variants = plan.build_variants(["finetune", "frozen", "recipes", "ablation"], weights, [], [])
+    flags = {v.name: v.flags for v in variants}
+    assert list(flags)[:4] == ["finetune", "frozen", "modern", "lpft"]
+    assert flags["lpft"][-4:] == ["--recipe", "modern", "--probe-epochs", "1"]
+    assert all(flags[n][2:4] == ["--recipe", "modern"] for n in plan.ABLATIONS)
+    plan.check_variant_configs(variants, ["--data", "x", "--arch", "timm:tf_efficientnet_lite0"])
+    assert parse_config(["--data", "x", *flags["modern-mixup"]]).mixup == 0.2
