@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.errors import UsageError, cli_main
 from finetune import EXIT_PREEMPTED
@@ -45,7 +45,9 @@ from finetune.data.manifest import Manifest, check_shards, load_manifest  # noqa
 from finetune.data.streams import EvalStream, TrainStream, auto_workers, make_loader, train_stream_for  # noqa: E402
 from finetune.data.transforms import DeviceNormalizer  # noqa: E402
 from finetune.loop import class_weights, evaluate, make_ema, train_one_epoch  # noqa: E402
-from finetune.model import build_model, build_optimizer  # noqa: E402
+from finetune.mixing import train_normalizer  # noqa: E402
+from finetune.model import build_model  # noqa: E402
+from finetune.recipe import batch_note, build_optimizer, steps_per_epoch  # noqa: E402
 from finetune.monitor import Monitor  # noqa: E402
 from finetune.preempt import PreemptionFlag  # noqa: E402
 from finetune.staging import stage_data  # noqa: E402
@@ -166,12 +168,15 @@ def make_data(run: Run) -> Data:
     cfg, acc, manifest = run.cfg, run.accelerator, run.manifest
     world, rank = acc.num_processes, acc.process_index
     distributed.agree(acc, check_shards(manifest) if acc.is_local_main_process else None)
-    steps = manifest.train.num_samples // cfg.batch_size
+    steps = steps_per_epoch(manifest.train.num_samples, cfg.batch_size,
+                            cfg.epoch_steps if cfg.data_order == "random" else "floor")
     if steps == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {manifest.train.num_samples} "
                          f"training samples in {redact_url(cfg.data)}")
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
+    if note := batch_note(manifest.train.num_samples, cfg.batch_size, steps):
+        run.monitor.print(note)
     workers = cfg.workers if cfg.workers >= 0 else auto_workers(torch.cuda.device_count() or world)
     pin = acc.device.type == "cuda"
     if cfg.loader == "dali":    # index files once per node (the local main process), then every rank's pipeline
@@ -183,7 +188,7 @@ def make_data(run: Run) -> Data:
                                         accum=cfg.grad_accum, steps=steps, image_size=cfg.image_size,
                                         seed=cfg.seed, order=cfg.data_order, shuffle_buffer=cfg.shuffle_buffer,
                                         decode_on=cfg.decode_on, augment_with=cfg.augment_with)
-        train_stream.continuous = True
+        train_stream.continuous, train_stream.augment_policy = True, cfg.augment_policy
 
     def eval_loader(split):     # each sample once over all ranks; --eval-limit caps test and val alike
         return make_loader(EvalStream(split, rank=rank, world_size=world, batch=cfg.batch_size // world,
@@ -264,7 +269,9 @@ def fit(run: Run, data: Data, ctx: StepContext, checkpointer: Checkpointer, stat
                       f"trained yet, nothing to save; exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs and not state.stopped_early:
-        metrics = train_one_epoch(ctx, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum), state,
+        epoch_ctx = replace(ctx, normalize=train_normalizer(ctx.normalize, cfg, len(run.manifest.classes),
+                                                                        state.global_step))   # --mixup/--cutmix
+        metrics = train_one_epoch(epoch_ctx, data.batches(state.epoch, state.step_in_epoch, cfg.grad_accum), state,
                                   steps=data.steps, preempt=preempt, checkpointer=checkpointer)
         if preempt.stopping:
             checkpointer.save(state)

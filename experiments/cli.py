@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common.errors import UsageError, cli_main
 
-from . import plan, report, slurm
+from . import errors, plan, report, slurm
 from .run import launcher_argv, prepare_out, run_variant, summarize_metrics
 
 
@@ -232,6 +232,8 @@ def rerender(args) -> int:
             row.update(_array_status(row, waiting))
     report.write_all(results, out)
     print(f"experiments: wrote {out / 'results.md'} and {out / 'test_acc.png'}")
+    sheet = errors.write_errors(results, out)      # the best run's misclassified test photos
+    print(f"experiments: wrote {sheet}" if sheet else "experiments: no finished run with a model.pt: no errors.png")
     pending = [r["name"] for r in results["variants"] if r["status"] == "submitted"]
     if pending:
         print(f"experiments: {len(pending)} run(s) of job array {array['job_id']} not finished yet: "

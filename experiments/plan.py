@@ -19,6 +19,29 @@ GROUPS = {
     "head934": "head row 'hotdog' initialised from ImageNet class 934 'hot dog' (d2l exercise 4)",
     "lr": "fine-tune at other learning rates (d2l exercise 1: keep increasing the lr)",
     "scratch-lr": "from scratch at other learning rates (d2l exercise 2: tune the from-scratch model)",
+    "recipes": "the modern recipe, and LP-FT (the modern recipe after a head-only probe epoch); compare with "
+               "finetune (d2l) and frozen",
+    "ablation": "the modern recipe with one part changed back (or mixup/cutmix added)",
+}
+# --variants recipes: name -> (what, train.py flags)
+RECIPES = {
+    "modern": ("--recipe modern: AdamW, layer decay, warm-up + cosine, label smoothing, TrivialAugment, "
+               "drop-path, batch 32, every image each epoch", ["--recipe", "modern"]),
+    "lpft": ("LP-FT: --recipe modern after 1 probe epoch (head only, backbone frozen)",
+             ["--recipe", "modern", "--probe-epochs", "1"]),
+}
+# --variants ablation: the modern recipe with one part changed
+ABLATIONS = {
+    "modern-sgd": ("d2l's optimizer (SGD, lr 5e-5 on the summed loss, decay 1e-3)",
+                   ["--optimizer", "sgd", "--loss-reduction", "sum", "--lr", "5e-5", "--weight-decay", "1e-3"]),
+    "modern-no-layer-decay": ("no layer-wise lr decay", ["--layer-decay", "1"]),
+    "modern-no-smoothing": ("no label smoothing", ["--label-smoothing", "0"]),
+    "modern-no-augment": ("crop + flip only (no TrivialAugment)", ["--augment-policy", "none"]),
+    "modern-no-drop-path": ("no drop-path", ["--drop-path", "0"]),
+    "modern-constant-lr": ("constant lr (no warm-up, no cosine)", ["--schedule", "constant", "--warmup-epochs", "0"]),
+    "modern-batch128": ("d2l's batch 128, whole batches only (2 steps per epoch)",
+                        ["--batch-size", "128", "--epoch-steps", "floor"]),
+    "modern-mixup": ("plus mixup 0.2 / cutmix 1.0", ["--mixup", "0.2", "--cutmix", "1.0"]),
 }
 DEFAULT_VARIANTS = "finetune,scratch,frozen,head934,lr"
 DEFAULT_LRS = "1e-5,1e-4,5e-4,1e-3"          # finetune itself is the 5e-5 point
@@ -158,6 +181,11 @@ def build_variants(groups: list[str], weights: Weights, lrs: list[float],
                 out.append(Variant(f"lr-{fmt_lr(lr)}", group,
                                    f"fine-tune at lr {fmt_lr(lr)} (d2l exercise 1){random_note}",
                                    pre + ["--lr", fmt_lr(lr)], extra=dict(lr=lr)))
+        elif group in ("recipes", "ablation"):
+            table = RECIPES if group == "recipes" else ABLATIONS
+            base = [] if group == "recipes" else ["--recipe", "modern"]
+            out.extend(Variant(name, group, what + random_note, pre + base + flags)
+                       for name, (what, flags) in table.items())
         elif group == "scratch-lr":
             for lr in scratch_lrs:
                 out.append(Variant(f"scratch-lr-{fmt_lr(lr)}", group,

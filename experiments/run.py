@@ -65,6 +65,7 @@ def summarize_metrics(run_dir: Path) -> dict:
                 final_test_acc=last["test_acc"], best_test_acc=accs[best], best_epoch=epochs[best]["epoch"],
                 final_train_loss=last["train_loss"], final_train_acc=last["train_acc"],
                 test_samples=last.get("test_samples"), final_test_balanced_acc=last.get("test_balanced_acc"),
+                final_ema_test_acc=last.get("ema_test_acc"),
                 best_chosen_on="val" if chooser is not accs else "test",
                 examples_per_sec=sum(rates) / len(rates) if rates else None)
 

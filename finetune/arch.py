@@ -46,12 +46,14 @@ def check_name(arch: str) -> None:
                      f"(see README: Backbones)")
 
 
-def create(arch: str) -> nn.Module:
-    """The architecture with its original (ImageNet, 1000-class) head and random weights."""
+def create(arch: str, drop_path: float = 0.0) -> nn.Module:
+    """The architecture with its original (ImageNet, 1000-class) head and random weights; `drop_path`: a timm
+    model's drop_path_rate (--drop-path)."""
     check_name(arch)
     if arch.startswith(TIMM):
         import timm
-        return timm.create_model(arch[len(TIMM):], pretrained=False)
+        extra = {"drop_path_rate": drop_path} if drop_path else {}
+        return timm.create_model(arch[len(TIMM):], pretrained=False, **extra)
     import torchvision.models as tvm
     return tvm.get_model(arch, weights=None)
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,31 +18,13 @@ from data_prep.dataclass_cli import add_fields, option as _opt, parse_with_confi
 # the shared validators, in the Config body's spelling (kept so that branches adding fields merge)
 from data_prep.dataclass_cli import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
                                     positive_float as _positive_float, positive_int as _positive_int)
-from common.extras import check as check_extra
 
 # No torch here, nor in what this imports: `train.py --help` and usage errors answer before torch loads.
-from . import UsageError, atomic_write_text, cli_main
-from .trackers import parse_log_with
+from . import atomic_write_text, cli_main
+from .config_checks import apply_debug, check_config
+from .recipe import apply_recipe
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-UNCATCHABLE = ("SIGKILL", "SIGSTOP")
-
-
-def parse_signals(names: str) -> list:
-    """--preempt-signals 'USR1,TERM' -> [signal.SIGUSR1, signal.SIGTERM]; a UsageError for an unknown signal
-    or one no handler can catch (KILL, STOP) -- checked by parse_config, before anything is written."""
-    result = []
-    for name in filter(None, (n.strip().upper() for n in names.split(","))):
-        full = name if name.startswith("SIG") else "SIG" + name
-        sig = getattr(signal, full, None)
-        if not isinstance(sig, signal.Signals):
-            raise UsageError(f"--preempt-signals: unknown signal '{name}'")
-        if full in UNCATCHABLE:
-            raise UsageError(f"--preempt-signals: {full} cannot be caught by any process; use USR1 or TERM")
-        result.append(sig)
-    return result
-
-
 @dataclass
 class Config:
     # ---- data and run directory -------------------------------------------------------------------
@@ -77,6 +57,11 @@ class Config:
     loss_reduction: str = _opt("'sum' sums the loss over the global batch like d2l's l.sum(); 'mean' averages; "
                                "both are independent of the number of processes", choices=("sum", "mean"),
                                default="sum")
+    recipe: str = _opt("'d2l' (the book's recipe: these defaults) or 'modern': AdamW, no decay on norms/biases, "
+                       "batch 32 with every image each epoch, 1 warm-up epoch + cosine, label smoothing 0.1, "
+                       "layer-wise lr decay 0.85, TrivialAugment, drop-path 0.1 (timm), EMA 0.9; any option given "
+                       "explicitly wins (finetune/recipe.py MODERN, docs/guide.md)", choices=("d2l", "modern"),
+                       default="d2l")
     # ---- model ------------------------------------------------------------------------------------------
     arch: str = _opt("backbone: a torchvision classification model (resnet18 = d2l, resnet50, convnext_tiny, "
                      "efficientnet_b0, vit_b_16, ...) or a timm model as timm:NAME (timm:convnext_nano, "
@@ -95,6 +80,8 @@ class Config:
     freeze_bn: bool = _opt("keep BatchNorm running statistics fixed (eval mode), common with small per-GPU "
                            "batches", default=False)
     sync_bn: bool = _opt("synchronise BatchNorm statistics across processes (GPU only)", default=False)
+    drop_path: float = _opt("stochastic depth rate of a timm backbone (timm's drop_path_rate; 0: off)",
+                            type=_nonneg_float, default=0.0)
     # ---- optimisation -----------------------------------------------------------------------------------
     schedule: str = _opt("lr schedule per optimizer step (d2l: constant)", choices=("constant", "cosine", "step"),
                          default="constant")
@@ -111,6 +98,20 @@ class Config:
     class_balance: str = _opt("for skewed classes (the manifest's train class counts): 'loss' weights each class "
                               "by N / (C x count), 'resample' draws every class equally often (--data-order "
                               "random)", choices=("none", "loss", "resample"), default="none")
+    optimizer: str = _opt("'sgd' (d2l) or 'adamw' (decoupled weight decay)", choices=("sgd", "adamw"),
+                          default="sgd")
+    layer_decay: float = _opt("layer-wise lr decay: the backbone layer k below the top learns at lr x D**k (layers "
+                              "from timm's group matcher, else from the module order; 1: off)",
+                              type=_positive_float, default=1.0)
+    warmup_epochs: float = _opt("linear lr warm-up over this many epochs (when --warmup-steps is 0)",
+                                type=_nonneg_float, default=0.0)
+    label_smoothing: float = _opt("label smoothing of the training loss (0: off)", type=_nonneg_float, default=0.0)
+    mixup: float = _opt("mixup: each training batch mixed with its mirror, lambda ~ Beta(A, A) (0: off)",
+                        type=_nonneg_float, default=0.0)
+    cutmix: float = _opt("cutmix alpha (0: off; with --mixup too, each batch gets one of them)",
+                         type=_nonneg_float, default=0.0)
+    probe_epochs: int = _opt("LP-FT: train only the head (backbone frozen, BatchNorm in eval) for the first N "
+                             "epochs, then everything (0: off)", type=_nonneg_int, default=0)
     # ---- speed ----------------------------------------------------------------------------------------
     precision: str = _opt("mixed precision: auto (GPU: bf16 where supported, else fp16; CPU: fp32 or bf16, whichever "
                           "a few timed steps of this model find faster, cached per CPU), no, fp16 (GPU only), bf16. "
@@ -143,9 +144,15 @@ class Config:
                            "'sequential': the manifest order, split into the same global batches whatever "
                            "the number of processes (reproducible across world sizes, for debugging)",
                            choices=("random", "sequential"), default="random")
+    augment_policy: str = _opt("extra training augmentation after the crop: 'trivialaugment' (TrivialAugmentWide) "
+                               "or 'randaugment' (torchvision, on the uint8 crop; --loader torchvision, "
+                               "--decode-on cpu)", choices=("none", "trivialaugment", "randaugment"), default="none")
     # ---- run length, evaluation, logging ------------------------------------------------------------------
     max_steps_per_epoch: int = _opt("cap optimizer steps per epoch (0: train_samples // batch_size)",
                                     type=_nonneg_int, default=0)
+    epoch_steps: str = _opt("optimizer steps per epoch: 'floor' (d2l: whole batches, the remainder unseen that "
+                            "epoch) or 'ceil' (every training image each epoch; the random stream resamples)",
+                            choices=("floor", "ceil"), default="floor")
     eval_limit: int = _opt("evaluate only the first N test samples (0: all)", type=_nonneg_int, default=0)
     patience: int = _opt("early stopping: stop after N epochs without a better val accuracy (0: off; needs a val "
                          "split, data_prep --val-fraction)", type=_nonneg_int, default=0)
@@ -196,17 +203,19 @@ class Config:
 # --help in groups by concern: (title, one line on the group, the Config fields in it, in help order).
 HELP_GROUPS = (
     ("data", "the shards and how they are read", ("data", "cache_dir", "cache_size_gb", "image_size", "data_order",
-                                                   "shuffle_buffer", "class_balance")),
+                                                   "shuffle_buffer", "class_balance", "augment_policy")),
     ("model and weights", None, ("arch", "pretrained", "scratch", "freeze_backbone", "head_init", "freeze_bn",
-                                 "sync_bn")),
+                                 "sync_bn", "drop_path")),
     ("optimisation", "defaults: the d2l recipe", ("epochs", "batch_size", "per_gpu_batch", "lr", "head_lr_mult", "weight_decay",
                                                    "momentum", "decay_norm_bias", "loss_reduction", "schedule",
                                                    "warmup_steps", "step_epochs", "gamma", "grad_accum",
-                                                   "clip_grad", "ema_decay", "seed")),
+                                                   "clip_grad", "ema_decay", "seed", "recipe", "optimizer",
+                                                   "layer_decay", "warmup_epochs", "label_smoothing", "mixup",
+                                                   "cutmix", "probe_epochs")),
     ("speed", None, ("precision", "channels_last", "compile", "workers", "loader", "decode_on",
                      "augment_with")),
     ("run, evaluation and checkpoints", None, ("name", "output_dir", "resume", "save_every", "keep_last",
-                                               "max_steps_per_epoch", "eval_limit", "patience", "tta", "debug")),
+                                               "max_steps_per_epoch", "epoch_steps", "eval_limit", "patience", "tta", "debug")),
     ("monitoring", None, ("log_every", "log_every_s", "log_with", "timing_warmup")),
     ("cluster", "launchers, preemption and dead ranks (docs/cluster.md)", ("preempt_signals", "collective_timeout",
                                                                           "startup_timeout")),
@@ -253,75 +262,16 @@ def parse_config(argv: list[str] | None = None) -> Config:
     given = set(values)
     if not cfg.data:
         parser.error("--data is required: a shard directory made by `python -m data_prep` (see README)")
+    apply_recipe(cfg, given)        # --recipe modern: its values for the options not given; --debug's win
     if cfg.debug:
         apply_debug(cfg, given)
     if not cfg.name:
         cfg.name = default_name(cfg.arch, cfg.debug and not cfg.output_dir)
     if cfg.lr is None:
         cfg.lr = 5e-4 if cfg.scratch else 5e-5
-    _check_config(cfg, parser, given)
+    check_config(cfg, parser, given)
     cfg.explicit = frozenset(given)
     return cfg
-
-
-def _check_config(cfg: Config, parser: argparse.ArgumentParser, given: set) -> None:
-    """The cross-field checks, each one line (exit 2) before anything is written."""
-    if cfg.scratch and cfg.pretrained not in ("imagenet", "none"):
-        parser.error("--scratch trains from random init; drop --pretrained PATH")
-    if cfg.scratch and cfg.freeze_backbone:
-        parser.error("--scratch and --freeze-backbone contradict each other (a frozen random backbone)")
-    if cfg.head_init != "xavier":
-        prefix, _, num = cfg.head_init.partition(":")
-        if prefix != "imagenet-class" or not num.isdigit() or not 0 <= int(num) < 1000:
-            parser.error("--head-init: expected 'xavier' or 'imagenet-class:N' with 0 <= N < 1000")
-    parse_log_with(cfg.log_with)     # a UsageError (one line, exit 2) before anything is written
-    if not cfg.ema_decay < 1:
-        parser.error(f"--ema-decay {cfg.ema_decay}: must be below 1 (e.g. 0.999), or 0 for off")
-    if cfg.class_balance == "resample" and cfg.data_order != "random":
-        parser.error("--class-balance resample draws samples at random: use it with --data-order random")
-    if cfg.augment_with == "opencv" and cfg.decode_on == "device":
-        parser.error("--augment-with opencv is for the loader workers (--decode-on cpu); with --decode-on device "
-                     "the GPU decodes, crops and flips")
-    _check_batch_and_loader(cfg, parser, given)
-    for module in ("simplejpeg", "cv2") if cfg.augment_with == "opencv" else ():
-        check_extra(module, "--augment-with opencv")    # one line now, not a loader worker's traceback later
-    parse_signals(cfg.preempt_signals)
-
-
-def _check_batch_and_loader(cfg: Config, parser: argparse.ArgumentParser, given: set) -> None:
-    """--per-gpu-batch against --batch-size / --loss-reduction; --loader dali against the options that belong
-    to the torchvision path."""
-    if cfg.per_gpu_batch and "batch_size" in given:
-        parser.error("--per-gpu-batch sets the global batch (x the number of processes): drop --batch-size")
-    if cfg.per_gpu_batch and cfg.loss_reduction != "sum":
-        parser.error("--per-gpu-batch keeps the recipe's per-sample lr, which needs --loss-reduction sum; with mean, "
-                     "set --batch-size and scale --lr yourself")
-    if cfg.loader != "dali":
-        return
-    for bad, why in ((cfg.decode_on != "cpu", "--decode-on device (DALI decodes on the GPU itself)"),
-                     (cfg.augment_with != "torchvision", "--augment-with opencv (DALI crops and flips itself)"),
-                     (cfg.class_balance == "resample", "--class-balance resample (use --class-balance loss)"),
-                     (cfg.data_order != "random", "--data-order sequential (DALI reads in random order)")):
-        if bad:
-            parser.error(f"--loader dali does not take {why}; use --loader torchvision for it")
-    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
-        parser.error("--loader dali needs NVIDIA DALI, which is not installed: pip install 'hotdog-finetune[dali]' "
-                     "(i.e. pip install nvidia-dali-cuda130), or use --loader torchvision")
-
-
-DEBUG = dict(epochs=2, batch_size=8, image_size=112,      # anomaly mode is slow: keep it small
-             max_steps_per_epoch=3, eval_limit=16, workers=0, precision="no", data_order="sequential")
-
-
-def apply_debug(cfg: Config, given: set) -> None:
-    """--debug: a small deterministic smoke run. Every option the user gave (flag or YAML) keeps its value;
-    the precision counts as given (the smoke run's fp32 beats accelerate's mixed_precision)."""
-    for name, value in DEBUG.items():
-        if name not in given and not (name == "data_order" and cfg.loader == "dali"):   # DALI: random order only
-            setattr(cfg, name, value)
-    if "timing_warmup" not in given:
-        cfg.timing_warmup = min(cfg.timing_warmup, 1)
-    given.add("precision")
 
 
 def default_name(arch: str, fresh: bool = False) -> str:

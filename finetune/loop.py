@@ -17,7 +17,7 @@ from . import distributed
 from .checkpoint import Checkpointer, TrainState
 from .context import StepContext
 from .preempt import PreemptionFlag
-from .model import lr_factor, set_lr, set_train_mode
+from .recipe import lr_factor, set_lr, start_epoch
 from .monitor import StepTimer
 
 
@@ -90,15 +90,17 @@ def class_weights(counts: list[int] | None, mode: str, device: torch.device) -> 
 
 def batch_loss(ctx: StepContext, images, labels, scale: float):
     """Forward pass. Returns (loss to backprop, per-sample losses, correct count). The loss is the one place
-    that reads the criterion's settings from `ctx` (now --class-balance's class_weight).
+    that reads the criterion's settings: --class-balance's class_weight (`ctx`), --label-smoothing (`ctx.cfg`).
 
     `scale` makes the update depend only on the global batch, however it is split: DDP averages gradients
     over W processes, so the local sum is multiplied by W (sum over the global batch, d2l's `l.sum()`),
-    and additionally divided by the global batch size for --loss-reduction mean."""
+    and additionally divided by the global batch size for --loss-reduction mean. `labels`: class indices, or
+    soft targets [N, C] (--mixup / --cutmix; accuracy then counts the larger share)."""
     with ctx.accelerator.autocast():
         logits = ctx.model(images)
-    losses = F.cross_entropy(logits.float(), labels, weight=ctx.class_weight, reduction="none")
-    correct = (logits.argmax(dim=1) == labels).sum()
+    losses = F.cross_entropy(logits.float(), labels, weight=ctx.class_weight, reduction="none",
+                             label_smoothing=ctx.cfg.label_smoothing)
+    correct = (logits.argmax(dim=1) == (labels.argmax(dim=1) if labels.ndim == 2 else labels)).sum()
     return losses.sum() * scale, losses.detach(), correct
 
 
@@ -109,8 +111,9 @@ def train_one_epoch(ctx: StepContext, batches, state: TrainState, *, steps: int,
     --save-every steps through `checkpointer`. Stops early when any rank got a preemption signal (then
     preempt.stopping is True on every rank, all after the same step)."""
     cfg, accelerator, monitor, start = ctx.cfg, ctx.accelerator, ctx.monitor, state.step_in_epoch
-    scale = accelerator.num_processes / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
-    set_train_mode(ctx.model, cfg.freeze_bn or cfg.freeze_backbone)
+    world = accelerator.num_processes
+    scale = world / (cfg.batch_size if cfg.loss_reduction == "mean" else 1)
+    probe = start_epoch(ctx.model, cfg, state.epoch, accelerator)     # train mode; --probe-epochs: the probe phase
     timer = StepTimer(min(cfg.timing_warmup, max(0, steps - start - 1)), accelerator.device)
     bar = tqdm(total=steps, initial=start, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False,
                disable=True if not accelerator.is_main_process else None,  # None: off when not a tty
@@ -121,7 +124,7 @@ def train_one_epoch(ctx: StepContext, batches, state: TrainState, *, steps: int,
     timer.start()
     for step in range(start, steps):
         with sync_debug(accelerator.device, step - start):
-            set_lr(ctx.optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps))
+            set_lr(ctx.optimizer, lr_factor(cfg, state.global_step - state.skipped_steps, steps), probe and world > 1)
             optimizer_step(ctx, batches, state.sums, timer, scale)
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             note_skipped_step(state, accelerator, monitor)

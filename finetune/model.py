@@ -45,7 +45,7 @@ def _head_from_imagenet_class(new_head: nn.Linear, sd: dict | None, head: str, c
 
 def build_model(cfg: Config, classes: list[str]) -> tuple[nn.Module, str]:
     """Returns the model and a plain sentence saying which weights it started from."""
-    model = archs.create(cfg.arch)
+    model = archs.create(cfg.arch, getattr(cfg, "drop_path", 0.0))
     head = archs.find_head(model)
     sd, source = weights.resolve(cfg.arch, "none" if cfg.scratch else cfg.pretrained)
     if sd is not None:

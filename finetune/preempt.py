@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .config import parse_signals
+from .config_checks import parse_signals
 
 
 class PreemptionFlag:

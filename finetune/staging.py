@@ -119,7 +119,7 @@ def _signals_stop_staging(preempt_signals: str):
     """While staging, a preemption signal (and SIGTERM, whatever --preempt-signals says) stops the transfer
     at once: the handler records it as before (PreemptionFlag) and raises StagingStopped in the main thread,
     where the transfer waits. A trickling server can no longer hold a signal off."""
-    from .config import parse_signals
+    from .config_checks import parse_signals
     preempt = set(parse_signals(preempt_signals))
     saved = {}
 

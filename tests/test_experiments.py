@@ -183,7 +183,9 @@ def test_dry_run_with_weights_plans_head934_and_the_lr_sweep(shards, imagenet_li
     out = capsys.readouterr().out
     assert code == 0 and not (tmp_path / "x").exists()
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert list(lines) == ["finetune", "scratch", "frozen", "head934", "lr-1e-4", "lr-1.5e-3", "scratch-lr-1e-3"]
+    from experiments.plan import ABLATIONS
+    assert list(lines) == ["finetune", "scratch", "frozen", "head934", "lr-1e-4", "lr-1.5e-3", "scratch-lr-1e-3",
+                           "modern", "lpft", *ABLATIONS]          # 'all': every group, the recipes' too
     assert "--head-init imagenet-class:934" in lines["head934"] and "SKIPPED" not in lines["head934"]
     assert "--freeze-backbone" in lines["frozen"] and "--lr 1.5e-3" in lines["lr-1.5e-3"]
     assert f"--pretrained {imagenet_like}" in lines["finetune"] and "--pretrained none" in lines["scratch"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..mixing import augment
 from .device_decode import collate_raw, raw_sample
 from .manifest import Split, sample_fields
 from .transforms import collate, decode, eval_transform, opencv_batch, train_transform
@@ -87,6 +88,7 @@ class TrainStream(IterableDataset):
         """TrainStream(split, TrainSettings(...)), or TrainStream(split, rank=..., ...) with its fields."""
         self.split, self.settings = split, settings or TrainSettings(**fields)
         self.epoch, self.skip, self.continuous = 0, 0, False
+        self.augment_policy = "none"      # --augment-policy (finetune.mixing.augment), torchvision path only
 
     def _random(self, worker: int, num_workers: int):
         s = self.settings
@@ -152,7 +154,9 @@ class TrainStream(IterableDataset):
             return lambda items: collate_raw([(raw_sample(data, rng), y) for data, rng, y in items])
         if s.augment_with == "opencv":
             return lambda items: opencv_batch(items, size)
-        return lambda items: collate([(train_transform(decode(data), size, rng), y) for data, rng, y in items])
+        policy = self.augment_policy
+        return lambda items: collate([(augment(train_transform(decode(data), size, rng), policy, rng), y)
+                                      for data, rng, y in items])
 
 
 class ResampledTrainStream(TrainStream):
