@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_prep.fsutil import new_temp_file
+from common.fsutil import new_temp_file
 
 TILE = 160              # pixels per photo on the sheet
 CAPTION = 30            # pixels of text under each photo
