@@ -36,13 +36,14 @@ def _prep(tmp: Path, name: str, train_per_class: int, test_per_class: int, per_s
         (test / "tmp").rename(test / "not-hotdog")
     out = tmp / name
     assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", str(per_shard),
-                           "--no-progress", *map(str, extra)]) == 0
+                           "--workers", "1", "--no-progress", *map(str, extra)]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
-    """40 train samples in 5 shards (uneven over 2 ranks), 13 test samples in 2 shards."""
+    """(All fixtures prepare shards in-process: --workers 1, the same output as any other count.)
+    40 train samples in 5 shards (uneven over 2 ranks), 13 test samples in 2 shards."""
     return _prep(tmp_path_factory.mktemp("data"), "shards", 20, 7, per_shard=8, drop_test=1)
 
 
@@ -81,7 +82,8 @@ def skewed_shards(tmp_path_factory) -> Path:
     src = colour_source(tmp / "skewed-src", {"train": {"hotdog": 5, "not-hotdog": 45},
                                              "test": {"hotdog": 10, "not-hotdog": 10}})
     out = tmp / "skewed-shards"
-    assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", "8", "--no-progress"]) == 0
+    assert data_prep_main(["--source", str(src), "--out", str(out), "--samples-per-shard", "8", "--workers", "1",
+                            "--no-progress"]) == 0
     return out
 
 
@@ -157,3 +159,65 @@ def wait_for(predicate, timeout: float, what: str, procs=()):
             raise AssertionError(f"a process exited while waiting for {what}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- The fast tier: every test not marked `slow` (make test-fast = pytest -m "not slow") -------------------
+# A test that is not marked slow must not start a process: while such a test (its fixtures included) sets up
+# and runs, every way of starting one fails it with a message saying to mark it slow. This holds in every
+# run, not only `make test-fast`, so a test that starts a process and is not marked slow fails in `make test`
+# too instead of silently slowing the fast tier down.
+
+SLOW_HINT = ("this test starts a process ({what}) but is not marked slow: the fast tier (make test-fast, "
+             "pytest -m 'not slow') runs in-process only. Mark it @pytest.mark.slow (or the file with "
+             "pytestmark = pytest.mark.slow), or test the behaviour in-process.")
+
+
+class ProcessStartInFastTest(AssertionError):
+    pass
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise ProcessStartInFastTest(SLOW_HINT.format(what=what))
+    return refuse
+
+
+def _process_starters():
+    """(owner, attribute, description) of every way the tests could start a process: subprocess (and
+    everything built on it: run, check_output, os.popen, asyncio), fork/spawn, multiprocessing (and so
+    torch.multiprocessing.spawn, DataLoader workers, ProcessPoolExecutor)."""
+    import multiprocessing.process
+    starters = [(subprocess.Popen, "__init__", "subprocess.Popen"),
+                (multiprocessing.process.BaseProcess, "start", "multiprocessing Process.start")]
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "spawnv", "spawnve", "spawnvp",
+                 "spawnvpe"):
+        if hasattr(os, name):
+            starters.append((os, name, f"os.{name}"))
+    return starters
+
+
+def process_guard():
+    """A MonkeyPatch that makes every process start raise ProcessStartInFastTest (undo() lifts it)."""
+    patch = pytest.MonkeyPatch()
+    for owner, attr, what in _process_starters():
+        patch.setattr(owner, attr, _refuse(what))
+    return patch
+
+
+def _guard_unless_slow(item):
+    patch = process_guard() if item.get_closest_marker("slow") is None else None
+    try:
+        yield
+    finally:
+        if patch:
+            patch.undo()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):    # the test's fixtures
+    yield from _guard_unless_slow(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _guard_unless_slow(item)

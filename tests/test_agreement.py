@@ -9,9 +9,12 @@ import os
 import re
 import signal
 
+import pytest
 import torch
 
 from conftest import TINY, free_port, load_model_pt, read_json, run_train, start_train, wait_for
+
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
 
 ONE_STEP = ["--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--freeze-bn", "--data-order",
             "sequential", "--eval-limit", "2", *TINY]

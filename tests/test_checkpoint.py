@@ -44,6 +44,7 @@ def assert_same_weights(a, b):
         assert not different, (key, different[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_keeps_the_last_k_and_no_best_without_a_val_split(reference):
     assert ckpts(reference) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]   # --keep-last 3
@@ -70,6 +71,7 @@ def test_best_is_chosen_on_val_even_when_test_disagrees(tmp_path):
     assert (saved.best_epoch, saved.epochs_since_best, saved.stopped_early) == (3, 1, False)
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):
     run_dir = tmp_path / "run"
@@ -90,6 +92,7 @@ def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, refer
     assert epochs == [1, 2]                                 # each epoch once, none repeated
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, tmp_path):
     import shutil
     run_dir = tmp_path / "run"
@@ -105,6 +108,7 @@ def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, 
     assert_same_weights(reference, run_dir)
 
 
+@pytest.mark.slow
 def test_resume_path_errors_are_one_line(shards, reference, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "none",
                       "--resume", str(tmp_path / "nope.pt")], check=False)
@@ -131,6 +135,7 @@ checkpoint.save(dict(model={"w": torch.zeros(3)}, step=2, epoch=0), ckpt_dir, ke
 """
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     proc = subprocess.run([PYTHON, "-c", KILL_MID_WRITE, str(tmp_path)], cwd=REPO, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
@@ -150,6 +155,7 @@ def _pid(run_dir, rank):
     return read_json(run_dir / "ranks" / f"rank-{rank}.json")["pid"]
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp_path):
     """kill -9 of the rank on 'node 1': both nodes exit non-zero within seconds; --resume auto finishes."""
     run_dir = tmp_path / "run"
@@ -176,6 +182,7 @@ def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     """A rank that stops answering (SIGSTOP: the socket stays open, as with a frozen node) makes the other
     node fail after --collective-timeout seconds, not the 30-minute default."""
@@ -201,6 +208,7 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     assert "train.py: error: rank 0: a collective with the other ranks failed" in log0, log0[-3000:]
 
 
+@pytest.mark.slow
 def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
     """Item 20: the handler is installed before set-up; a SIGUSR1 while the job starts (here: right after the
     rank file appears, during a simulated slow start) ends it with 75, not a death by signal (-10)."""
@@ -241,6 +249,7 @@ def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
     assert ckpts(tmp_path) == ["ckpt-00000013.pt", "ckpt-00000016.pt"]
 
 
+@pytest.mark.slow
 def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
     line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
@@ -261,6 +270,7 @@ def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     distributed.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
 
 
+@pytest.mark.slow
 def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
     """Item 8 through train.py: a checkpoint of resnet18 is not resumed as resnet34 (one line, exit 2)."""
     import shutil
@@ -273,6 +283,7 @@ def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
                                                            "--arch resnet18, this run --arch resnet34")
 
 
+@pytest.mark.slow
 def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, imagenet_like, reference,
                                                                       tmp_path):
     """Items 19 + 6 on 2 processes: --resume PATH to ckpt-6 of a finished run: both ranks load it (same final
@@ -291,6 +302,7 @@ def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, im
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_patience_survives_a_preemption(val_shards, imagenet_like, tmp_path):
     """--patience 1 with an lr too small to change a prediction (as the early-stop test in test_train.py): val
     cannot improve after epoch 1, so an uninterrupted run stops after epoch 2 of 5. Preempted in epoch 2 --

