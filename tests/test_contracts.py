@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
+from helpers import tb_events
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -93,13 +94,11 @@ def test_lr_factor_values_by_hand():
 
 @pytest.mark.slow
 def test_tensorboard_lr_follows_the_cosine_schedule(shards, imagenet_like, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *TINY,
                "--epochs", "2", "--max-steps-per-epoch", "2", "--eval-limit", "4", "--schedule", "cosine",
                "--warmup-steps", "1", "--log-every", "1"], timeout=300)
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
+    events = tb_events(run_dir / "tb")
     series = [(e.step, e.value) for e in events.Scalars("lr/backbone")]
     # Logged at each epoch's end (global steps 2 and 4) with the lr of the step just taken (0-based 1 and 3).
     # 2 epochs x 2 steps, 1 warm-up step: the cosine spans 3 steps; step 1 -> 1.0, step 3 -> 0.5(1+cos(2pi/3))

@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
+from helpers import tb_events
 from finetune import UsageError
 from finetune.config import parse_config
 from finetune.model import build_model, build_optimizer
@@ -68,8 +68,7 @@ def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
 @pytest.mark.floor
 def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
     run_dir, _ = ddp_run
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
+    events = tb_events(run_dir / "tb")
     tags = set(events.Tags()["scalars"])
     assert TAGS <= tags, TAGS - tags
     last = {t: events.Scalars(t)[-1].value for t in TAGS}
@@ -477,8 +476,7 @@ def test_tensorboard_has_confusion_images_and_per_class_scalars(val_run):
     from finetune.monitor import confusion_image
     run_dir, _ = val_run
     epochs = read_json(run_dir / "metrics.json")["epochs"]
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
+    events = tb_events(run_dir / "tb", images=0, scalars=0)
     assert {"val/confusion", "test/confusion"} <= set(events.Tags()["images"])
     for split in ("val", "test"):
         images = events.Images(f"{split}/confusion")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import ACCELERATE, PYTHON, REPO, TINY, run_train
+from helpers import config as _cfg
 from finetune import UsageError, launcher, precision
 from finetune.config import HELP_GROUPS, Config, parse_config
 from finetune.monitor import duration, progress_line
@@ -153,10 +154,6 @@ def test_a_refused_start_leaves_nothing_behind(shards, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # 3. Accelerate's own mixed_precision / dynamo_backend
 # ------------------------------------------------------------------------------------------------------
-def _cfg(*flags):
-    return parse_config(["--data", "x", *flags])
-
-
 @pytest.mark.parametrize("flags, env, precision, says", [
     ([], {}, "auto", None),
     ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16", "precision: bf16, from accelerate's mixed_precision"),
