@@ -1,6 +1,7 @@
 # One command to set up and run the demo, one to run the tests. Both create .venv when it is missing.
 #   make demo        synthetic data -> shards -> fine-tune on 2 CPU processes (or all GPUs) -> results
 #   make test        the whole test suite (multi-process DDP, faults, a real local Slurm cluster when root)
+#   make test-fast   the fast tier: in-process tests only (pytest -m "not slow"), under 3 min on 2 cores
 #   make test-floor  the smoke tests (pytest -m floor) in .venv-floor, at the lowest versions requirements allow
 # docs/install.md: what each installs, the optional extras, the floor environment.
 
@@ -9,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 FLOOR  := .venv-floor
 
-.PHONY: demo test test-floor venv venv-test clean
+.PHONY: demo test test-fast test-floor venv venv-test clean
 
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
@@ -42,6 +43,11 @@ test: venv-test
 	@# The Slurm tests need slurmctld/slurmd/munge (root + apt); without them they skip with a reason.
 	-@bash .ci/install-slurm.sh >/dev/null 2>&1 || echo "make test: could not install Slurm; its tests will skip"
 	$(PY) -m pytest -q --durations=15
+
+# Every test not marked slow: no subprocess, no Slurm, no multi-process DDP (tests/conftest.py fails a test that
+# starts a process without the slow marker). For the edit-test loop; `make test` remains the full check.
+test-fast: venv-test
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # FLOOR_ENV=1: tests/test_requirements.py then checks that every installed version is exactly its floor pin.
 test-floor: $(FLOOR)/.installed

@@ -9,9 +9,13 @@ import os
 import re
 import signal
 
+import pytest
 import torch
 
-from conftest import TINY, free_port, load_model_pt, read_json, run_train, start_train, wait_for
+from conftest import TINY, load_model_pt, read_json, run_train, wait_for
+from helpers import two_nodes
+
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
 
 ONE_STEP = ["--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--freeze-bn", "--data-order",
             "sequential", "--eval-limit", "2", *TINY]
@@ -46,11 +50,6 @@ ARGS = ["--epochs", "2", "--max-steps-per-epoch", "3", "--save-every", "1", "--k
         *TINY]
 
 
-def _two_nodes(args, tmp_path, tag):
-    port = free_port()
-    return [start_train(args, nodes=2, node_rank=r, port=port, log=tmp_path / f"{tag}-node{r}.log") for r in (0, 1)]
-
-
 def _finish(nodes, timeout=300):
     try:
         return [n.wait(timeout=timeout) for n in nodes]
@@ -62,9 +61,9 @@ def _finish(nodes, timeout=300):
 def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resumes_exactly(shards, imagenet_like, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["--data", shards, "--pretrained", imagenet_like, *ARGS]
-    assert _finish(_two_nodes(common + ["--output-dir", ref], tmp_path, "ref")) == [0, 0]
+    assert _finish(two_nodes(common + ["--output-dir", ref], tmp_path, "ref")) == [0, 0]
 
-    nodes = _two_nodes(common + ["--output-dir", run], tmp_path, "run")
+    nodes = two_nodes(common + ["--output-dir", run], tmp_path, "run")
     try:
         wait_for(lambda: (run / "checkpoints" / "ckpt-00000002.pt").exists(), 240, "step 2's checkpoint", nodes)
         os.kill(read_json(run / "ranks" / "rank-1.json")["pid"], signal.SIGUSR1)     # rank 1 only
@@ -78,6 +77,6 @@ def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resumes_exactly(sha
     saved = int(log0.split("checkpoint saved at step ")[1].split(";")[0])
     assert saved < 6 and (run / "checkpoints" / f"ckpt-{saved:08d}.pt").exists()
 
-    assert _finish(_two_nodes(common + ["--output-dir", run, "--resume", "auto"], tmp_path, "resume")) == [0, 0]
+    assert _finish(two_nodes(common + ["--output-dir", run, "--resume", "auto"], tmp_path, "resume")) == [0, 0]
     a, b = load_model_pt(ref)["state_dict"], load_model_pt(run)["state_dict"]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

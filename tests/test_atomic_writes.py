@@ -49,6 +49,7 @@ def test_helpers_create_their_temporary_file_exclusively(tmp_path, monkeypatch):
     assert os.path.samefile(target, tmp_path / "best.json")
 
 
+@pytest.mark.slow
 def test_a_run_and_its_export_never_follow_planted_links(shards, tmp_path):
     """train.py (config.yaml, metrics.json, checkpoints, model.pt) and finetune.export (model.onnx), with links
     planted at every old temporary name for their real pids."""

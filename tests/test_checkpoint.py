@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import faults
-from conftest import (PYTHON, REPO, TINY, free_port, load_model_pt, read_json, run_train, start_train,
+from conftest import (PYTHON, REPO, TINY, load_model_pt, read_json, run_train, start_train,
                       wait_for)
+from helpers import ckpts, two_nodes
 from finetune import EXIT_PREEMPTED, checkpoint
 
 # 2 epochs x 4 steps, a checkpoint after every step; random data order through a shuffle buffer, read by 2
@@ -23,11 +24,6 @@ from finetune import EXIT_PREEMPTED, checkpoint
 # --ema-decay: the EMA of the weights must resume bitwise too.
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "3",
         "--eval-limit", "4", *TINY, "--workers", "2", "--ema-decay", "0.9"]
-
-
-def ckpts(run_dir):
-    d = run_dir / "checkpoints"
-    return sorted(p.name for p in d.glob("ckpt-*.pt")) if d.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +41,7 @@ def assert_same_weights(a, b):
         assert not different, (key, different[:5])
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_keeps_the_last_k_and_no_best_without_a_val_split(reference):
     assert ckpts(reference) == ["ckpt-00000006.pt", "ckpt-00000007.pt", "ckpt-00000008.pt"]   # --keep-last 3
@@ -71,6 +68,7 @@ def test_best_is_chosen_on_val_even_when_test_disagrees(tmp_path):
     assert (saved.best_epoch, saved.epochs_since_best, saved.stopped_early) == (3, 1, False)
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, reference, tmp_path):
     run_dir = tmp_path / "run"
@@ -91,6 +89,7 @@ def test_preempted_run_resumes_to_identical_weights(shards, imagenet_like, refer
     assert epochs == [1, 2]                                 # each epoch once, none repeated
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, tmp_path):
     import shutil
     run_dir = tmp_path / "run"
@@ -106,6 +105,7 @@ def test_damaged_newest_checkpoint_is_skipped(shards, imagenet_like, reference, 
     assert_same_weights(reference, run_dir)
 
 
+@pytest.mark.slow
 def test_resume_path_errors_are_one_line(shards, reference, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "none",
                       "--resume", str(tmp_path / "nope.pt")], check=False)
@@ -132,6 +132,7 @@ checkpoint.save(dict(model={"w": torch.zeros(3)}, step=2, epoch=0), ckpt_dir, ke
 """
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     proc = subprocess.run([PYTHON, "-c", KILL_MID_WRITE, str(tmp_path)], cwd=REPO, capture_output=True)
     assert proc.returncode == -signal.SIGKILL
@@ -142,20 +143,16 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
 
 
-def _two_nodes(args, tmp_path):
-    port = free_port()
-    return [start_train(args, nodes=2, node_rank=r, port=port, log=tmp_path / f"node{r}.log") for r in (0, 1)]
-
-
 def _pid(run_dir, rank):
     return read_json(run_dir / "ranks" / f"rank-{rank}.json")["pid"]
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp_path):
     """kill -9 of the rank on 'node 1': both nodes exit non-zero within seconds; --resume auto finishes."""
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS]
-    nodes = _two_nodes(args, tmp_path)
+    nodes = two_nodes(args, tmp_path)
     try:
         wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
         os.kill(_pid(run_dir, 1), signal.SIGKILL)
@@ -171,19 +168,20 @@ def test_killed_rank_fails_fast_then_resume_completes(shards, imagenet_like, tmp
     assert "--resume auto" in log0
     assert "SIGKILL" in (tmp_path / "node1.log").read_text()
 
-    nodes = _two_nodes(args + ["--resume", "auto"], tmp_path)
+    nodes = two_nodes(args + ["--resume", "auto"], tmp_path)
     assert [n.wait(timeout=300) for n in nodes] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
     assert "resumed from step" in (tmp_path / "node0.log").read_text()
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     """A rank that stops answering (SIGSTOP: the socket stays open, as with a frozen node) makes the other
     node fail after --collective-timeout seconds, not the 30-minute default."""
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *ARGS,
             "--collective-timeout", "10", "--startup-timeout", "15", "--epochs", "50"]
-    nodes = _two_nodes(args, tmp_path)
+    nodes = two_nodes(args, tmp_path)
     try:
         wait_for(lambda: len(ckpts(run_dir)) >= 1, 240, "a checkpoint", nodes)
         os.kill(_pid(run_dir, 1), signal.SIGSTOP)
@@ -202,6 +200,7 @@ def test_hung_rank_hits_the_collective_timeout(shards, imagenet_like, tmp_path):
     assert "train.py: error: rank 0: a collective with the other ranks failed" in log0, log0[-3000:]
 
 
+@pytest.mark.slow
 def test_signal_during_start_up_exits_75(shards, imagenet_like, tmp_path):
     """Item 20: the handler is installed before set-up; a SIGUSR1 while the job starts (here: right after the
     rank file appears, during a simulated slow start) ends it with 75, not a death by signal (-10)."""
@@ -242,6 +241,7 @@ def test_pruning_never_deletes_the_file_just_written_or_newer_ones(tmp_path):
     assert ckpts(tmp_path) == ["ckpt-00000013.pt", "ckpt-00000016.pt"]
 
 
+@pytest.mark.slow
 def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     """Item 7: an exclusive flock on RUN_DIR/.lock for the job's lifetime; a second job is refused with one
     line naming the holder; once the holder is dead (SIGKILL), the kernel has released the lock."""
@@ -262,6 +262,7 @@ def test_second_job_on_the_same_run_directory_is_refused(shards, tmp_path):
     rundir.lock_run_dir(SimpleNamespace(is_main_process=True, num_processes=1), run_dir)
 
 
+@pytest.mark.slow
 def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
     """Item 8 through train.py: a checkpoint of resnet18 is not resumed as resnet34 (one line, exit 2)."""
     import shutil
@@ -274,6 +275,7 @@ def test_resume_with_another_arch_is_one_line(shards, reference, tmp_path):
                                                            "--arch resnet18, this run --arch resnet34")
 
 
+@pytest.mark.slow
 def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, imagenet_like, reference,
                                                                       tmp_path):
     """Items 19 + 6 on 2 processes: --resume PATH to ckpt-6 of a finished run: both ranks load it (same final
@@ -292,6 +294,7 @@ def test_two_processes_resume_the_path_rank_0_chose_and_abandon_newer(shards, im
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_patience_survives_a_preemption(val_shards, imagenet_like, tmp_path):
     """--patience 1 with an lr too small to change a prediction (as the early-stop test in test_train.py): val
     cannot improve after epoch 1, so an uninterrupted run stops after epoch 2 of 5. Preempted in epoch 2 --

@@ -51,6 +51,7 @@ def test_well_typed_yaml_values_are_taken(tmp_path):
         (5e-5, 3, "no", 0.0, "", "2024")       # `resume:` with no value is the default
 
 
+@pytest.mark.slow
 def test_the_train_script_exits_2_before_any_work(tmp_path):
     (tmp_path / "run.yaml").write_text('freeze_backbone: "false"\n')
     proc = subprocess.run([PYTHON, "train.py", "--config", str(tmp_path / "run.yaml"), "--data", "x",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
+from helpers import tb_events
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -26,6 +27,7 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
 def test_crafted_pickle_is_refused_and_never_runs(flag, shards, imagenet_like, tmp_path):
     marker = tmp_path / "PWNED"
@@ -44,6 +46,7 @@ def test_crafted_pickle_is_refused_and_never_runs(flag, shards, imagenet_like, t
     assert not marker.exists(), "the crafted pickle was executed"
 
 
+@pytest.mark.slow
 def test_crafted_pickle_as_predict_model_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "model.pt"
@@ -89,14 +92,13 @@ def test_lr_factor_values_by_hand():
     assert [lr_factor(cfg, s, 4) for s in (0, 1, 2, 4, 8)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.25])
 
 
+@pytest.mark.slow
 def test_tensorboard_lr_follows_the_cosine_schedule(shards, imagenet_like, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *TINY,
                "--epochs", "2", "--max-steps-per-epoch", "2", "--eval-limit", "4", "--schedule", "cosine",
                "--warmup-steps", "1", "--log-every", "1"], timeout=300)
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
+    events = tb_events(run_dir / "tb")
     series = [(e.step, e.value) for e in events.Scalars("lr/backbone")]
     # Logged at each epoch's end (global steps 2 and 4) with the lr of the step just taken (0-based 1 and 3).
     # 2 epochs x 2 steps, 1 warm-up step: the cosine spans 3 steps; step 1 -> 1.0, step 3 -> 0.5(1+cos(2pi/3))
@@ -197,6 +199,7 @@ def test_random_order_differs_between_ranks_and_repeats_per_rank(shards):
 # ------------------------------------------------------------------------------------------------------
 # 5. examples/sec is the job's, not one rank's: on 2 processes it times the epoch's global samples.
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_examples_per_sec_is_global_on_two_processes(shards, imagenet_like, tmp_path):
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *TINY, "--epochs", "1",
@@ -245,6 +248,7 @@ def _predict_cli(model_pt, photo) -> dict:
     return {t["label"]: t["probability"] for t in out["top"]}
 
 
+@pytest.mark.slow
 def test_predict_cli_probability_equals_softmax_by_hand(shards, imagenet_like, tmp_path):
     run_dir = tmp_path / "run"
     run_train(["--data", shards, "--output-dir", run_dir, "--pretrained", imagenet_like, *TINY, "--epochs", "1",

@@ -53,6 +53,7 @@ def test_write_index_has_one_line_per_sample_with_the_members_offsets(shards, tm
             assert data[offset:offset + 2] == b"\xff\xd8" and data[offset + size - 2:offset + size] == b"\xff\xd9"
 
 
+@pytest.mark.slow
 def test_write_index_equals_dalis_wds2idx(shards, tmp_path):
     wds2idx = pytest.importorskip("wds2idx", reason="DALI's wds2idx tool is not installed")
     url = load_manifest(shards).train.urls[0]
@@ -114,6 +115,7 @@ def test_per_gpu_batch_refusals(monkeypatch, capsys):
         assert word in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_per_gpu_batch_sets_the_global_batch_from_the_number_of_processes(shards, tmp_path):
     """--per-gpu-batch 4 on 2 processes: a global batch of 8 (config.yaml), 40 // 8 = 5 steps of 8 samples, at
     the recipe's lr (unchanged: the summed loss makes it per sample)."""
@@ -193,6 +195,7 @@ def big_shards(tmp_path_factory):
     return tmp / "shards"
 
 
+@pytest.mark.slow
 @needs_dali
 def test_crop_statistics_match_the_torchvision_path(big_shards):
     """DALI's image_random_crop with CROP_SCALE / CROP_RATIO against random_resized_crop_params on the same
@@ -230,6 +233,7 @@ def colour_shards(tmp_path_factory):
 LEARN = ["--epochs", "3", "--lr", "1e-3", "--freeze-backbone", "--seed", "0", *TINY, "--loader", "dali"]
 
 
+@pytest.mark.slow
 @needs_dali
 def test_two_processes_learn_with_dali_and_evaluate_every_test_image_once(colour_shards, imagenet_like, tmp_path):
     run_dir = tmp_path / "run"
@@ -247,6 +251,7 @@ RESUME = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "-
           *TINY, "--workers", "2", "--ema-decay", "0.9", "--loader", "dali"]
 
 
+@pytest.mark.slow
 @needs_dali
 def test_resumed_mid_epoch_equals_the_uninterrupted_run(shards, imagenet_like, tmp_path):
     """Resumed from ckpt-6 (epoch 2, step 2 of 4: DALI replays 2 micro-batches), the final weights and their EMA
@@ -272,6 +277,7 @@ def _stream_kw(**over):
     return {**kw, **over}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, skip", [("random", 0), ("random", 1), ("sequential", 2)])
 def test_a_continuous_stream_gives_each_epoch_as_a_fresh_one_would(shards, order, skip):
     """One DataLoader iterator over a continuous TrainStream (2 workers, 3 batches per epoch: the workers swap
@@ -327,6 +333,7 @@ class _SharedInWorker(torch.utils.data.IterableDataset):
         yield torch.tensor([tv.is_shared(), cv.is_shared()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batches_are_made_in_shared_memory_inside_loader_workers(shards, workers):
     """In a loader worker a batch is collated straight into shared memory (no copy when it is sent to the

@@ -35,6 +35,7 @@ def _eval_multiset(split, world: int, workers: int) -> list[tuple[int, str]]:
     return sorted(seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, workers", [(1, 0), (2, 2), (3, 1)])
 def test_eval_covers_every_test_sample_exactly_once(shards, world, workers):
     """Not only how many: world sizes 1, 2 and 3 evaluate the same multiset of images (each exactly once)."""
@@ -54,6 +55,7 @@ def test_sequential_global_batches_do_not_depend_on_world_size(shards):
         assert torch.equal(whole, torch.cat([halves[0][k], halves[1][k]]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip", [1, 3])
 def test_resume_skip_gives_the_remaining_batches_in_order(shards, skip):
     """With 2 loader workers, fast-forwarding `skip` batches yields exactly the tail of the full epoch."""
@@ -89,6 +91,7 @@ def test_resample_draws_both_classes_equally_often_on_a_1_to_9_split(skewed_shar
     assert _label_counts(ResampledTrainStream, split, 1, 25, seed=2) != resampled[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resample_gives_every_rank_the_same_number_of_full_batches(skewed_shards, workers):
     """The filtered stream stays infinite: each of 2 ranks gets exactly `steps` full micro-batches through the
@@ -101,6 +104,7 @@ def test_resample_gives_every_rank_the_same_number_of_full_batches(skewed_shards
         assert sizes == [4] * (steps + 1)             # one more than an epoch needs: never exhausted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip", [1, 3])
 def test_resample_resume_skip_counts_kept_samples(skewed_shards, skip):
     """A resumed epoch fast-forwards `skip` loader batches of the filtered stream (2 workers): the tail of the

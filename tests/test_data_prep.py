@@ -181,6 +181,7 @@ def test_default_samples_per_shard_rule():
         assert -(-n // default_samples_per_shard(n)) >= 16
 
 
+@pytest.mark.slow
 def test_two_runs_are_byte_identical_whatever_the_workers(src, tmp_path):
     a = prepare(src, tmp_path / "a", workers=1, log=lambda _: None)
     b = prepare(src, tmp_path / "b", workers=2, log=lambda _: None)
@@ -381,6 +382,7 @@ def test_a_class_with_no_readable_image_is_an_error(src, tmp_path, capsys):
     assert_nothing_written(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, needles",
     [
@@ -548,6 +550,7 @@ def test_verify_catches_tampering(src, tmp_path, capsys):
 # --------------------------------------------------------------------------- real photos
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HOTDOG_MINI.is_dir(), reason=f"real photos not available at {HOTDOG_MINI}")
 def test_real_photos_hotdog_mini(tmp_path):
     manifest = prepare(HOTDOG_MINI, tmp_path / "out", log=lambda _: None)

@@ -165,6 +165,7 @@ def test_fifo_and_dev_zero_are_skipped_not_read(src, tmp_path, capsys, deadline)
 # --------------------------------------------------------------------------- item 12: a worker dies
 
 
+@pytest.mark.slow
 def test_a_decode_worker_that_dies_ends_the_run_with_one_line(src, tmp_path, capsys, monkeypatch, deadline):
     real = prepare_module.encode_file
 
@@ -311,6 +312,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_stale_temporary_folders_of_dead_runs_are_removed(src, tmp_path, capsys):
     out = tmp_path / "out"
     stale = tmp_path / f".out.tmp-{dead_pid()}"
@@ -331,6 +333,7 @@ def test_stale_temporary_folders_of_dead_runs_are_removed(src, tmp_path, capsys)
 # --------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow
 def test_byte_identical_a_second_later_on_a_copy_with_new_mtimes(src, tmp_path):
     first = prepare(src, tmp_path / "a", workers=2, log=lambda _: None)
     time.sleep(1.1)
@@ -399,6 +402,7 @@ def _children_once_started(proc, count: int, timeout=60):
     raise AssertionError(f"data_prep did not start {count} decode workers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
 def test_the_decode_workers_exit_with_the_main_process(tmp_path, sig):
     """Before, SIGTERM (or SIGKILL) to the main process left its decode workers blocked forever."""

@@ -73,6 +73,7 @@ def no_weights_one_failing(shards, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, imagenet_like):
     out, proc = with_weights
@@ -101,6 +102,7 @@ def test_compare_writes_table_plot_json_and_one_tb_dir_per_run(with_weights, ima
     assert results["seed"] == 3 and results["train_args"] == [str(a) for a in FAST]
 
 
+@pytest.mark.slow
 def test_table_shows_each_runs_balanced_accuracy(with_weights, tmp_path):
     """The 'balanced acc' column holds the last epoch's test_balanced_acc from the run's own metrics.json --
     not the accuracy column again, and re-read by `report` (a changed metrics.json changes the cell)."""
@@ -132,6 +134,7 @@ def test_table_shows_each_runs_balanced_accuracy(with_weights, tmp_path):
     assert finetune["final_test_balanced_acc"] == 0.4321
 
 
+@pytest.mark.slow
 def test_same_data_and_seed_for_every_variant(with_weights, shards):
     import yaml
     out, _ = with_weights
@@ -141,6 +144,7 @@ def test_same_data_and_seed_for_every_variant(with_weights, shards):
     assert configs[1]["scratch"] and not configs[0]["scratch"]
 
 
+@pytest.mark.slow
 def test_failing_variant_is_reported_and_the_others_still_run(no_weights_one_failing):
     out, proc = no_weights_one_failing
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -155,6 +159,7 @@ def test_failing_variant_is_reported_and_the_others_still_run(no_weights_one_fai
     assert_valid_png(out / "test_acc.png")
 
 
+@pytest.mark.slow
 def test_no_weights_is_stated_plainly(no_weights_one_failing):
     out, proc = no_weights_one_failing
     statement = "no ImageNet weights: 'pretrained' variants start from random init"
@@ -167,6 +172,7 @@ def test_no_weights_is_stated_plainly(no_weights_one_failing):
     assert finetune["name"] == "finetune" and finetune["flags"] == ["--pretrained", "none", "--seed", "0"]
 
 
+@pytest.mark.slow
 def test_report_rerenders_from_the_runs(with_weights, capsys):
     out, _ = with_weights
     (out / "results.md").unlink()
@@ -238,6 +244,7 @@ def test_existing_runs_are_not_overwritten_without_asking(shards, tmp_path, caps
     assert (out / "scratch" / "precious.txt").exists() and (out / "finetune" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_terminated_runner_stops_its_run_and_writes_what_it_has(shards, tmp_path):
     """TERM to the runner (e.g. a Slurm time limit): the running train.py job gets TERM, the results so far are
     written, exit 130. A launcher that just sleeps stands in for a long training run."""
@@ -286,6 +293,7 @@ def test_mean_and_95_percent_interval():
     assert mean_ci([0.7]) == (0.7, 0.0)
 
 
+@pytest.mark.slow
 def test_several_seeds_give_one_run_each_and_a_mean_table(shards, imagenet_like, tmp_path):
     import yaml
     out = tmp_path / "seeds"

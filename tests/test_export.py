@@ -22,6 +22,8 @@ from conftest import PYTHON, REPO, TINY, load_model_pt, run_train
 from finetune import export as fexport
 from finetune.model import load_trained
 
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
+
 
 @pytest.fixture(scope="module")
 def run_dir(shards, tmp_path_factory):

@@ -55,6 +55,7 @@ def plan_lines(out: str) -> dict[str, tuple[int, int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_plan_has_every_measurement_with_its_command_and_budget():
     out = dry_plan()
     plan = plan_lines(out)
@@ -87,6 +88,7 @@ def test_plan_has_every_measurement_with_its_command_and_budget():
         assert "skipped: needs 2+ GPUs" in plan[name][2]
 
 
+@pytest.mark.slow
 def test_plan_on_two_gpus_launches_one_process_per_gpu():
     plan = plan_lines(dry_plan({"GPU_CHECK_GPUS": "2"}))
     for name in ("nccl", "sync-bn", "fp16-sum"):
@@ -108,18 +110,21 @@ def test_dry_run_end_to_end_with_wheels():
         assert list(plan_lines(out)) == LINES and "dry run: nothing was run" in out
 
 
+@pytest.mark.slow
 def test_dry_run_fails_when_a_wheel_is_missing(tmp_path):
     proc = gpu_check_sh("--dry-run", env={"GPU_CHECK_WHEELS": str(tmp_path)})
     assert proc.returncode == 1 and "want exactly one webdataset==" in proc.stderr, proc.stdout + proc.stderr
     assert "dry run: nothing was run" in proc.stdout          # the plan is still printed
 
 
+@pytest.mark.slow
 def test_plain_run_without_a_gpu_says_so_and_exits_0():
     proc = gpu_check_sh(env={"CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_WHEELS": "/nonexistent"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no GPU on this machine" in proc.stdout and "PASS" not in proc.stdout and "PLAN" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_argument_is_one_line_exit_2():
     proc = gpu_check_sh("--bogus")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -230,6 +235,7 @@ def gone(pid: int, wait: float = 5.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_line_past_its_budget_is_killed_with_its_children_and_a_late_line_is_skipped(tmp_path, capsys):
     pidfile = tmp_path / "child.pid"
     step = gpu_check.Step("slow", 2, "sleeps", ["bash", "-c", f"sleep 60 & echo $! > {pidfile}; wait"])
@@ -244,6 +250,7 @@ def test_a_line_past_its_budget_is_killed_with_its_children_and_a_late_line_is_s
     assert "SKIP late: skipped for time" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_long_epoch_folder_repeats_the_train_split_by_hard_links(tmp_path):
     src, base = tmp_path / "src", tmp_path / "shards"
     for cmd in (["synthetic", "--out", src, "--train-per-class", 8, "--test-per-class", 4, "--min-side", 64,
@@ -260,6 +267,7 @@ def test_long_epoch_folder_repeats_the_train_split_by_hard_links(tmp_path):
     assert counts == [40, 40]
 
 
+@pytest.mark.slow
 def test_figures_run_on_the_cpu_at_a_tiny_size(tmp_path):
     """The in-process figures use finetune's real loop and loader: a tiny CPU run catches API drift."""
     src, base = tmp_path / "src", tmp_path / "shards"

@@ -60,6 +60,7 @@ DEMO_TAIL = "--num_machines 1 --mixed_precision no --dynamo_backend no train.py 
             "--output-dir runs/demo"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, cpu, launch, batch, extra", [
     (0, True, "--config_file launch/cpu_multiprocess.yaml --num_processes 2", 32, "--image-size 96 --workers 1"),
     (1, False, "--config_file launch/single_gpu.yaml --num_processes 1", 32, "--image-size 224"),
@@ -83,6 +84,7 @@ def test_demo_launch_follows_the_gpu_count(tmp_path, gpus, cpu, launch, batch, e
         assert batch % (gpus or 2) == 0
 
 
+@pytest.mark.slow
 def test_demo_counts_the_gpus_torch_sees(tmp_path):
     _fake_python(tmp_path, 3)          # DEMO_GPUS unset: the count comes from torch.cuda.device_count()
     proc = _demo(tmp_path, {"DEMO_DRY_RUN": "1"})
@@ -91,6 +93,7 @@ def test_demo_counts_the_gpus_torch_sees(tmp_path):
     assert "--num_processes 3 " in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_bad_gpu_count(tmp_path):
     proc = _demo(tmp_path, {"DEMO_GPUS": "two", "DEMO_DRY_RUN": "1"})
     assert proc.returncode == 2
@@ -99,6 +102,7 @@ def test_demo_refuses_a_bad_gpu_count(tmp_path):
 
 # ------------------------------------------------------------------- launch/torchrun.sh, multi_gpu.yaml
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, nproc", [(0, 1), (1, 1), (4, 4)])
 def test_torchrun_sh_starts_one_process_per_gpu_torch_sees(tmp_path, gpus, nproc):
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "NNODES", "RDZV_ENDPOINT")}
@@ -109,6 +113,7 @@ def test_torchrun_sh_starts_one_process_per_gpu_torch_sees(tmp_path, gpus, nproc
     assert f"nproc_per_node={nproc}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_sh_refuses_a_bad_nproc(tmp_path):
     proc = subprocess.run([str(LAUNCH / "torchrun.sh")], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": str(_fake_python(tmp_path, 2)), "NPROC_PER_NODE": "0"})

@@ -76,6 +76,7 @@ def test_patient_timeout_inside_steady_outside():
     assert distributed.TIMEOUTS["current"] == 1800          # back to what it was before
 
 
+@pytest.mark.slow
 def test_slow_checkpoint_write_is_not_a_dead_rank(shards, imagenet_like, tmp_path):
     """Rank 0 takes 6 s to write each checkpoint (a slow shared filesystem) while the steady timeout is 3 s:
     the other rank waits patiently and the run finishes. With one 3 s timeout it would fail at the barrier."""

@@ -53,6 +53,7 @@ def test_accelerate_configs_parse(name, dist_type, procs, machines):
         assert cfg.main_process_ip and cfg.main_process_port and cfg.rdzv_backend == "static"
 
 
+@pytest.mark.slow
 def test_launch_scripts_are_valid_bash():
     for script in (LAUNCH / "torchrun.sh", REPO / "slurm" / "finetune.sh"):
         subprocess.run([shutil.which("bash") or "/bin/bash", "-n", str(script)], check=True)

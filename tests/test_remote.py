@@ -80,6 +80,7 @@ def stage_in_thread(url: str, cache: Path, backoff: Backoff):
     return thread, result
 
 
+@pytest.mark.slow
 def test_http_staging_survives_a_server_restart(server, shards, tmp_path):
     srv = server(delay=0.3)
     thread, result = stage_in_thread(srv.url + "/", tmp_path / "cache", Backoff(tries=8, first=0.25, most=2.0))
@@ -98,6 +99,7 @@ def test_http_staging_survives_a_server_restart(server, shards, tmp_path):
     assert {p.name for p in staged_tars(folder)} == {p.name for p in shards.glob("*.tar")}
 
 
+@pytest.mark.slow
 def test_http_server_gone_for_good_stops_with_one_line_naming_the_shard(server, tmp_path):
     srv = server(delay=0.3)
     thread, result = stage_in_thread(srv.url, tmp_path / "cache", FAST)
@@ -112,6 +114,7 @@ def test_http_server_gone_for_good_stops_with_one_line_naming_the_shard(server, 
     assert "shard " in str(error) and ".tar unreachable after 6 tries" in str(error)
 
 
+@pytest.mark.slow
 def test_a_tampered_shard_is_refused(server, shards, tmp_path):
     copy = tmp_path / "served"
     shutil.copytree(shards, copy)
@@ -135,6 +138,7 @@ def two_data_sets(shards: Path, tmp_path: Path) -> Path:
     return served
 
 
+@pytest.mark.slow
 def test_cache_cap_evicts_only_staged_data_sets_and_says_so(server, shards, tmp_path, capsys):
     """Issue 20, item 1: a user's folder in --cache-dir is never evicted (nor counted); an older staged data
     set is, with one line naming it; what cannot fit is refused."""
@@ -154,6 +158,7 @@ def test_cache_cap_evicts_only_staged_data_sets_and_says_so(server, shards, tmp_
         stage(srv.url + "/b/", tmp_path / "other-cache", total // 2, FAST)
 
 
+@pytest.mark.slow
 def test_a_data_set_in_use_is_never_evicted(server, shards, tmp_path):
     """Issue 20, item 2: run A (another process) holds its staged data set for its lifetime; run B staging
     another URL into the same cache cannot evict it, and says why it does not fit. Once A is gone, B can."""
@@ -184,6 +189,7 @@ def served_copy(shards: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_a_shard_larger_than_the_manifest_says_is_cut_off_at_size_plus_one(server, shards, tmp_path):
     """Issue 20, item 4: the server sends 8 MB where the manifest says a few KB: staging stops reading one byte
     past the manifest's size, at the first try, with one line naming the shard; no partial file stays."""
@@ -197,6 +203,7 @@ def test_a_shard_larger_than_the_manifest_says_is_cut_off_at_size_plus_one(serve
     assert not list(cache_folder(tmp_path / "cache", srv.url).glob("*.part-*"))
 
 
+@pytest.mark.slow
 def test_a_huge_manifest_is_refused_at_its_cap(server, shards, tmp_path):
     """Issue 20, item 4: a 'manifest' larger than 64 MiB is not read into memory or kept in .incoming/."""
     from finetune.staging import MANIFEST_CAP
@@ -217,6 +224,7 @@ def staging_outcome(url: str, cache: Path, backoff: Backoff, limit: float) -> tu
     return time.monotonic() - start, result.get("error")
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_after_one_read_timeout(server, shards, tmp_path, monkeypatch):
     """Issue 20, item 5: a server that accepts and never answers: one line saying so, after one read timeout
     (HOTDOG_REMOTE_TIMEOUT_S, 1 s here; 60 s by default), not FileNotFoundError after minutes."""
@@ -228,6 +236,7 @@ def test_a_server_that_never_answers_fails_after_one_read_timeout(server, shards
     assert elapsed < 10
 
 
+@pytest.mark.slow
 def test_a_trickling_server_fails_in_bounded_time(server, shards, tmp_path, monkeypatch):
     """Issue 20, item 5: a server that sends a byte at a time, slower than 1 KiB/s, is a stalled transfer:
     each try ends after about one timeout window, and the last one stops staging with one line."""
@@ -239,6 +248,7 @@ def test_a_trickling_server_fails_in_bounded_time(server, shards, tmp_path, monk
     assert not list(cache_folder(tmp_path / "cache", srv.url).glob("*.part-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
 def test_a_signal_during_staging_stops_it_with_one_line(server, shards, imagenet_like, tmp_path, sig, code):
     """Issue 20, item 5: SIGTERM (a preemption signal by default) during staging from a trickling server stops
@@ -264,6 +274,7 @@ def test_a_signal_during_staging_stops_it_with_one_line(server, shards, imagenet
     assert not list(folder.glob("*.part-*"))
 
 
+@pytest.mark.slow
 def test_two_runs_staging_one_url_download_it_once(server, shards, tmp_path):
     """Issue 20, item 6: run A (another process) stages a slow server's data set; run B, started meanwhile on
     the same URL and cache, waits for A (one line) and uses its shards: every file is downloaded once."""
@@ -283,6 +294,7 @@ def test_two_runs_staging_one_url_download_it_once(server, shards, tmp_path):
     assert check_shards(load_manifest(folder)) is None
 
 
+@pytest.mark.slow
 def test_a_cached_shard_damaged_in_place_is_fetched_again(server, shards, tmp_path, capsys):
     """Issue 20, item 7: a staged shard whose bytes changed (same size) is re-fetched, not trusted."""
     srv = server()
@@ -296,6 +308,7 @@ def test_a_cached_shard_damaged_in_place_is_fetched_again(server, shards, tmp_pa
     assert "train-000003.tar does not match the manifest's sha256" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_same_size_shards_of_a_new_manifest_replace_the_cached_ones(server, shards, tmp_path):
     """Issue 20, item 7: the server now serves other bytes of the same size under a new manifest sha256, at
     the same URL: staging into the same cache uses the new bytes (a cache reused on size alone would not)."""
@@ -316,6 +329,7 @@ def test_same_size_shards_of_a_new_manifest_replace_the_cached_ones(server, shar
     assert (folder / shard.name).read_bytes() == bytes(data)
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_staging_are_removed(server, shards, tmp_path):
     """Issue 20, item 7: `NAME.part-PID` of a staging killed outright goes on the next run, if PID is dead;
     one of a live process is kept."""
@@ -330,6 +344,7 @@ def test_leftovers_of_a_killed_staging_are_removed(server, shards, tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_a_full_cache_disk_is_a_local_error_not_retried(server, shards, tmp_path):
     """Issue 20, item 8: --cache-dir on a full disk (a 64 KiB tmpfs, in a user+mount namespace): one line
     saying it is the local disk, at the first try (not 'server unreachable after 6 tries')."""
@@ -347,6 +362,7 @@ def test_a_full_cache_disk_is_a_local_error_not_retried(server, shards, tmp_path
     assert "unreachable" not in last and time.monotonic() - start < 20
 
 
+@pytest.mark.slow
 def test_a_url_is_never_folded_into_a_path(tmp_path):
     """Issue 20, item 8: `data_prep verify` (and anything else reading a manifest) given a URL says it reads a
     local folder and names the staged copy, instead of 'no manifest.json in http:/host...'."""
@@ -386,6 +402,7 @@ def test_fetch_mirror_refuses_an_oversized_file_before_writing_it(tmp_path, monk
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_train_py_reads_a_data_set_over_http(server, shards, imagenet_like, tmp_path):
     """train.py stages from a real HTTP server; the server is killed as soon as staging is done, while the run
@@ -447,6 +464,7 @@ def test_data_prep_out_s3_then_stage_from_s3(s3, tmp_path, monkeypatch):
     assert all(file_sha256(u) == s["sha256"] for u, s in zip(local.train.urls, local.train.shards))
 
 
+@pytest.mark.slow
 def test_a_node_whose_staging_fails_otherwise_stops_both_nodes_within_seconds(server, shards, imagenet_like, tmp_path):
     """Issue 19, item 2: node 1's staging fails with an error that is no UsageError (its --cache-dir is a
     file: NotADirectoryError). Both nodes stop at once with the same one line, exit 2; node 0 does not wait
@@ -465,6 +483,7 @@ def test_a_node_whose_staging_fails_otherwise_stops_both_nodes_within_seconds(se
         assert len(lines) == 1, text
 
 
+@pytest.mark.slow
 def test_one_node_that_cannot_reach_a_shard_stops_both_nodes_with_one_line(server, shards, imagenet_like, tmp_path):
     """Two nodes (one process each, real gloo process group), each staging into its own --cache-dir, as on a
     cluster. Node 0 already holds every shard; node 1 starts empty and the server no longer has

@@ -126,6 +126,7 @@ def test_installed_torchrun_has_signals_to_handle():
     assert "--signals-to-handle" in Path(run.__file__).read_text()
 
 
+@pytest.mark.slow
 def test_pyproject_builds_a_wheel_with_the_packages_and_the_extras(tmp_path):
     """What `pip install -e .` / `pip install .` build: the four packages (not the root scripts or tests), and
     metadata whose Requires-Dist carry the extras."""
@@ -198,6 +199,7 @@ def test_export_and_predict_without_the_onnx_runtimes_are_one_line(tmp_path, mon
     one_line(capsys, "predict.py", "needs the optional package 'onnxruntime' (the 'export' extra)")
 
 
+@pytest.mark.slow
 def test_data_prep_to_s3_without_s3fs_is_one_line(tmp_path, monkeypatch, capsys):
     import data_prep
     from data_prep.synthetic import make_synthetic
@@ -229,6 +231,7 @@ def make_n(root: Path, target: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_makefile_reinstalls_when_a_requirement_file_changes(tmp_path):
     files = ["Makefile", "pyproject.toml", "requirements.txt", "requirements-test.txt", "requirements-floor.txt"]
     for name in files:

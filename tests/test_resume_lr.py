@@ -12,15 +12,14 @@ import torch
 
 import faults
 from conftest import TINY, start_train, run_train, wait_for
+from helpers import ckpt_paths, tb_events
 from finetune import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
 
 # 2 epochs x 3 steps, a checkpoint after every step; a slow checkpoint write leaves time to signal mid-run.
 ARGS = ["--epochs", "2", "--max-steps-per-epoch", "3", "--save-every", "1", "--keep-last", "20",
         "--eval-limit", "4", "--pretrained", "none", *TINY]
-
-
-def ckpts(run_dir):
-    return sorted((run_dir / "checkpoints").glob("ckpt-*.pt")) if (run_dir / "checkpoints").exists() else []
 
 
 def groups(path) -> dict:
@@ -30,15 +29,14 @@ def groups(path) -> dict:
 
 
 def test_resume_with_another_lr_trains_at_the_new_lr(shards, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / "run"
     args = ["--data", shards, "--output-dir", run_dir, *ARGS]
     proc = start_train(args + ["--lr", "0.01"], log=tmp_path / "first.log",
                        env=faults.env(FINETUNE_TEST_SAVE_DELAY_S=1))
-    wait_for(lambda: len(ckpts(run_dir)) >= 2, 240, "two checkpoints", [proc])
+    wait_for(lambda: len(ckpt_paths(run_dir)) >= 2, 240, "two checkpoints", [proc])
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=180) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
-    stopped = ckpts(run_dir)[-1]
+    stopped = ckpt_paths(run_dir)[-1]
     stopped_at = torch.load(stopped, weights_only=True)["step"]
     assert stopped_at < 6, "the run finished before the signal; nothing was tested"
     assert groups(stopped) == {"backbone": (0.01, 0.01), "head": pytest.approx((0.1, 0.1))}
@@ -47,11 +45,10 @@ def test_resume_with_another_lr_trains_at_the_new_lr(shards, tmp_path):
     assert f"resumed from step {stopped_at}" in resumed.stdout
     assert "resuming with --lr 0.5 (the checkpoint used 0.01): the recipe changes from here on" in resumed.stdout
     # Every checkpoint written after the resume holds the new lr (head: --head-lr-mult 10 x 0.5).
-    after = [p for p in ckpts(run_dir) if torch.load(p, weights_only=True)["step"] > stopped_at]
+    after = [p for p in ckpt_paths(run_dir) if torch.load(p, weights_only=True)["step"] > stopped_at]
     assert after and all(groups(p) == {"backbone": (0.5, 0.5), "head": pytest.approx((5.0, 5.0))} for p in after)
     # TensorBoard: the lr of each epoch end the resumed run logged (epoch 2 always ends after the resume).
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
+    events = tb_events(run_dir / "tb", scalars=0)
     backbone = {e.step: e.value for e in events.Scalars("lr/backbone")}
     head = {e.step: e.value for e in events.Scalars("lr/head")}
     resumed_steps = [s for s in backbone if s > stopped_at]

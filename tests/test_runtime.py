@@ -64,6 +64,7 @@ def two_ranks(body: str, timeout: int = 120) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 def test_any_rank_and_the_async_vote_are_votes_of_every_rank():
     """Only rank 1 says True: both ranks must see True (an any_rank that returned the local flag would give
     rank 0 False); nobody says True: both see False. The same for the per-step AsyncVote, one step later."""
@@ -80,6 +81,7 @@ def test_any_rank_and_the_async_vote_are_votes_of_every_rank():
         assert r["votes"] == [False, False, True, False], results      # read one step after it was cast
 
 
+@pytest.mark.slow
 def test_timeouts_switch_on_the_live_group():
     """The mechanism under every supported torch (dist.set_timeout is 2.12+; 2.11 has only _set_pg_timeout):
     inside patient() a rank 6 s late is waited for; in the steady state (2 s) the same lateness fails the
@@ -111,6 +113,7 @@ SLOW = ["--epochs", "2", "--max-steps-per-epoch", "4", "--eval-limit", "4", "--c
         "--startup-timeout", "120", *TINY]
 
 
+@pytest.mark.slow
 def test_a_rank_slow_at_an_epochs_first_steps_is_no_dead_rank(shards, imagenet_like, tmp_path):
     """Rank 1 takes 8 s (steady timeout: 3 s) before the second step of each epoch -- a fresh loader
     worker's first batch, or a compilation -- after rank 0 has queued the first: the run finishes. A short
@@ -121,6 +124,7 @@ def test_a_rank_slow_at_an_epochs_first_steps_is_no_dead_rank(shards, imagenet_l
     assert [e["epoch"] for e in read_json(run_dir / "metrics.json")["epochs"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_rank_hung_in_the_steady_state_fails_the_run_after_the_short_timeout(shards, imagenet_like, tmp_path):
     """Rank 1 stops answering two steps later (the steady state): rank 0 gives up after --collective-timeout
     (3 s; the whole run well under the 300 s start-up timeout) with the one-line explanation."""

@@ -71,6 +71,7 @@ def crafted(shards, tmp_path, case: str):
     return folder, SHARD, rewrite(folder, SHARD, edit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
     ("label", "has label b'5', but the manifest has 2 classes (0..1)"),
     ("png", "has an image that is a PNG, not a JPEG"),
@@ -90,6 +91,7 @@ def test_a_crafted_shard_is_one_line_before_training(shards, tmp_path, case, exp
     assert not (run_dir / "checkpoints").exists() and "train_loss" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_bad_sample_met_while_streaming_is_one_line_from_a_worker(shards, tmp_path):
     """A shard that changes after the start-up check: the loader worker's BadShard reaches the main process
     as the same one line (the DataLoader re-raises it with the worker's whole traceback)."""

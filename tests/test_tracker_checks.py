@@ -87,6 +87,7 @@ def test_a_saved_mlflow_run_is_continued_in_its_own_store(clean_env, tmp_path):
     assert f"but {store} does not exist" in error(run_dir, ("mlflow",))
 
 
+@pytest.mark.slow
 def test_the_check_comes_before_any_data_or_model_work(tmp_path):
     """train.py with a crafted trackers.json and --data that does not exist: the tracker's line, not the
     data's, fast, and nothing written."""
@@ -107,6 +108,7 @@ def test_the_check_comes_before_any_data_or_model_work(tmp_path):
     assert took < 60, took
 
 
+@pytest.mark.slow
 def test_a_resume_from_another_folder_continues_the_mlflow_run(shards, tmp_path):
     """MLflow's default store (sqlite:///mlflow.db in the current folder): the first half runs in folder a,
     the resume in folder b; the run continues in a's store, and b gets no store of its own."""

@@ -11,15 +11,13 @@ import struct
 import pytest
 
 from conftest import TINY, read_json, run_train, start_train, wait_for
+from helpers import ckpts, tb_events
 from finetune import EXIT_PREEMPTED, UsageError
+
+pytestmark = pytest.mark.slow    # every test here starts a process (train.py, accelerate...)
 
 ARGS = ["--max-steps-per-epoch", "4", "--save-every", "1", "--keep-last", "20", "--eval-limit", "4",
         "--pretrained", "none", *TINY]
-
-
-def ckpts(run_dir):
-    d = run_dir / "checkpoints"
-    return sorted(p.name for p in d.glob("ckpt-*.pt")) if d.exists() else []
 
 
 def preempt_after(args, run_dir, log, checkpoints=2, env=None) -> int:
@@ -34,10 +32,7 @@ def preempt_after(args, run_dir, log, checkpoints=2, env=None) -> int:
 
 def tb_steps(tb_dir, tag):
     """The steps of `tag` as TensorBoard shows them (EventAccumulator honours purge_step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
+    return [e.step for e in tb_events(tb_dir, scalars=0).Scalars(tag)]
 
 
 def raw_steps(tb_dir, tag):

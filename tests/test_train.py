@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
+from helpers import tb_events
 from finetune import UsageError
 from finetune.config import parse_config
 from finetune.model import build_model, build_optimizer
@@ -30,6 +30,7 @@ def ddp_run(shards, imagenet_like, tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_two_processes_really_run_ddp(ddp_run):
     run_dir, proc = ddp_run
@@ -50,6 +51,7 @@ def test_two_processes_really_run_ddp(ddp_run):
     assert param_digest(model) == digests.pop()
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
     run_dir, _ = ddp_run
@@ -62,11 +64,11 @@ def test_each_test_sample_counted_once_and_steps_exact(ddp_run, shards):
     assert metrics["final"]["epoch"] == 2 and metrics["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.floor
 def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
     run_dir, _ = ddp_run
-    events = EventAccumulator(str(run_dir / "tb"))
-    events.Reload()
+    events = tb_events(run_dir / "tb")
     tags = set(events.Tags()["scalars"])
     assert TAGS <= tags, TAGS - tags
     last = {t: events.Scalars(t)[-1].value for t in TAGS}
@@ -87,6 +89,7 @@ def test_tensorboard_holds_the_tags_with_sane_values(ddp_run):
     assert read_json(run_dir / "metrics.json")["chosen"]["checkpoint"] == "last"
 
 
+@pytest.mark.slow
 def test_one_update_is_independent_of_the_process_count(shards, imagenet_like, tmp_path):
     """1 process x batch 8 and 2 processes x 4 on the same global batch give the same weights.
     --freeze-bn makes each sample's forward independent of its batch-mates; --data-order sequential gives
@@ -151,6 +154,7 @@ def test_head_init_copies_imagenet_row_934(imagenet_like):
     assert not torch.equal(model.fc.weight[1], sd["fc.weight"][934])
 
 
+@pytest.mark.slow
 def test_frozen_backbone_stays_unchanged(shards, imagenet_like, tmp_path):
     run_train(["--data", shards, "--output-dir", tmp_path / "run", "--pretrained", imagenet_like,
                "--freeze-backbone", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2",
@@ -166,6 +170,7 @@ def test_frozen_backbone_stays_unchanged(shards, imagenet_like, tmp_path):
     assert not torch.equal(final["fc.weight"], head0)
 
 
+@pytest.mark.slow
 def test_debug_mode_runs_one_small_process(shards, imagenet_like, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "dbg", "--pretrained", imagenet_like,
                       "--debug", "--image-size", "32"], timeout=120)
@@ -181,6 +186,7 @@ def _error_line(proc) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["--precision", "fp16"], "--precision fp16 needs a GPU"),
     (["--debug"], "--debug runs one process"),
@@ -198,6 +204,7 @@ def test_refusals_exit_2_with_one_line(shards, args, needle, tmp_path):
     assert needle in _error_line(proc) and _error_line(proc).startswith("train.py: error:")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (["--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["--epochs", "-1"], "--epochs: must be a positive integer"),
@@ -213,6 +220,7 @@ def test_parser_refuses_invalid_values(args, needle):
     assert proc.returncode == 2 and needle in _error_line(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names, needle", [("KILL", "SIGKILL cannot be caught"), ("USR1,STOP", "SIGSTOP cannot"),
                                            ("NOPE", "unknown signal 'NOPE'")])
 def test_uncatchable_preempt_signal_refused_before_writing(shards, names, needle, tmp_path):
@@ -223,6 +231,7 @@ def test_uncatchable_preempt_signal_refused_before_writing(shards, names, needle
     assert len(proc.stderr.strip().splitlines()) == 1 and not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_missing_manifest_and_damaged_shard_are_named(shards, tmp_path):
     proc = run_train(["--data", tmp_path, "--output-dir", tmp_path / "r", *TINY], check=False)
     assert proc.returncode == 2 and "no manifest.json" in _error_line(proc)
@@ -241,6 +250,7 @@ def test_missing_manifest_and_damaged_shard_are_named(shards, tmp_path):
     assert proc.returncode == 2 and f"{victim.name} is missing" in _error_line(proc)
 
 
+@pytest.mark.slow
 def test_offline_imagenet_weights_error_names_the_file(shards, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "r", *TINY, "--pretrained", "imagenet"],
                      env={"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9",
@@ -251,6 +261,7 @@ def test_offline_imagenet_weights_error_names_the_file(shards, tmp_path):
     assert "--pretrained PATH" in line
 
 
+@pytest.mark.slow
 def test_config_yaml_with_overrides_is_saved(shards, imagenet_like, tmp_path):
     (tmp_path / "run.yaml").write_text(f"epochs: 3\nlr: 0.001\nbatch-size: 8\nmax_steps_per_epoch: 1\n")
     cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--data", "x", "--epochs", "1"])
@@ -266,6 +277,7 @@ def test_config_yaml_with_overrides_is_saved(shards, imagenet_like, tmp_path):
     assert saved["epochs"] == 1 and saved["lr"] == 0.001 and saved["batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_early_stop_on_val_at_the_same_epoch_on_both_ranks(val_shards, imagenet_like, tmp_path):
     """--patience 1 with a learning rate too small to change a prediction: val accuracy cannot improve after
     epoch 1, so both ranks stop after epoch 2 of 5 (a rank stopping alone would hang the other: the run
@@ -290,6 +302,7 @@ def test_early_stop_on_val_at_the_same_epoch_on_both_ranks(val_shards, imagenet_
     assert "epoch 3:" not in again.stdout and len(read_json(run_dir / "metrics.json")["epochs"]) == 2
 
 
+@pytest.mark.slow
 def test_patience_without_a_val_split_is_one_line(shards, tmp_path):
     proc = run_train(["--data", shards, "--output-dir", tmp_path / "run", "--patience", 2, *TINY], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--val-fraction" in proc.stderr
@@ -384,6 +397,7 @@ def unbalanced_run(skewed_shards, imagenet_like, tmp_path_factory):
     return read_json(run_dir / "metrics.json")
 
 
+@pytest.mark.slow
 def test_class_balanced_loss_improves_balanced_accuracy_through_train_py(skewed_shards, imagenet_like,
                                                                          unbalanced_run, tmp_path):
     """train.py --class-balance loss vs none on a 1:9 train split: the rare class is learnt, the balanced test
@@ -396,6 +410,7 @@ def test_class_balanced_loss_improves_balanced_accuracy_through_train_py(skewed_
     assert loss["test_recall"][0] > none["test_recall"][0]          # hotdog, the rare class, is found more
 
 
+@pytest.mark.slow
 def test_class_balance_resample_runs_evenly_on_two_ranks(skewed_shards, imagenet_like, unbalanced_run, tmp_path):
     """train.py --class-balance resample with 2 processes: every rank runs the same steps on its filtered
     stream (the run finishes, exact sample counts), and the rare class is learnt as with 'loss'."""
@@ -429,6 +444,7 @@ def _first_argmax(values: list) -> int:
     return values.index(max(values)) + 1
 
 
+@pytest.mark.slow
 def test_trained_run_ships_the_epoch_val_chose_when_test_disagrees(val_run):
     run_dir, proc = val_run
     metrics = read_json(run_dir / "metrics.json")
@@ -453,6 +469,7 @@ def test_trained_run_ships_the_epoch_val_chose_when_test_disagrees(val_run):
     assert not all(torch.equal(shipped["state_dict"][k], last[k]) for k in last)   # not the last epoch's
 
 
+@pytest.mark.slow
 def test_tensorboard_has_confusion_images_and_per_class_scalars(val_run):
     """Per epoch and split: the confusion matrix as a 32x32 image (2 classes x 16 px) whose pixels are those of
     metrics.json's matrix of that epoch, and balanced accuracy, precision and recall per class as scalars."""
@@ -461,8 +478,7 @@ def test_tensorboard_has_confusion_images_and_per_class_scalars(val_run):
     from finetune.monitor import confusion_image
     run_dir, _ = val_run
     epochs = read_json(run_dir / "metrics.json")["epochs"]
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
+    events = tb_events(run_dir / "tb", images=0, scalars=0)
     assert {"val/confusion", "test/confusion"} <= set(events.Tags()["images"])
     for split in ("val", "test"):
         images = events.Images(f"{split}/confusion")

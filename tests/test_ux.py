@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import ACCELERATE, PYTHON, REPO, TINY, run_train
+from helpers import config as _cfg
 from finetune import UsageError, launcher, precision
 from finetune.config import HELP_GROUPS, Config, parse_config
 from finetune.monitor import duration, progress_line
@@ -39,6 +40,7 @@ def _help_entries(text: str) -> dict:
     return entries
 
 
+@pytest.mark.slow
 def test_help_is_grouped_with_each_default_said_once_and_fast():
     start = time.perf_counter()
     proc = subprocess.run([PYTHON, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
@@ -72,6 +74,7 @@ def test_every_option_is_in_exactly_one_help_group():
     assert not missing, f"add {sorted(missing)} to HELP_GROUPS in finetune/config.py"
 
 
+@pytest.mark.slow
 def test_parsing_and_usage_errors_import_no_torch():
     code = ("import sys; from finetune.config import parse_config; "
             "cfg = parse_config(['--data', 'x', '--arch', 'timm:tf_efficientnet_lite0', '--debug']); "
@@ -85,6 +88,7 @@ def test_parsing_and_usage_errors_import_no_torch():
     assert time.perf_counter() - start < 3
 
 
+@pytest.mark.slow
 def test_an_unknown_arch_is_still_one_line():
     proc = subprocess.run([PYTHON, "train.py", "--data", "x", "--arch", "resnet19"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
@@ -115,6 +119,7 @@ def test_run_directory_follows_the_arch():
                         str(parse_config(["--data", "x", "--debug", "--arch", "resnet50"]).run_dir()))
 
 
+@pytest.mark.slow
 def test_a_debug_run_can_be_rerun_and_keeps_its_flags(shards, tmp_path):
     """Two --debug runs in the same place both train (each in a fresh directory); explicit flags stay."""
     cmd = [PYTHON, str(REPO / "train.py"), "--data", str(shards), "--debug", "--pretrained", "none",
@@ -130,6 +135,7 @@ def test_a_debug_run_can_be_rerun_and_keeps_its_flags(shards, tmp_path):
     assert saved["data_order"] == "random" and saved["precision"] == "no" and saved["name"] == runs[1].name
 
 
+@pytest.mark.slow
 def test_a_refused_start_leaves_nothing_behind(shards, tmp_path):
     fresh = tmp_path / "new" / "run"
     proc = run_train(["--data", shards, "--output-dir", fresh, *TINY, *SMALL, "--resume", tmp_path / "none.pt"],
@@ -148,10 +154,6 @@ def test_a_refused_start_leaves_nothing_behind(shards, tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # 3. Accelerate's own mixed_precision / dynamo_backend
 # ------------------------------------------------------------------------------------------------------
-def _cfg(*flags):
-    return parse_config(["--data", "x", *flags])
-
-
 @pytest.mark.parametrize("flags, env, precision, says", [
     ([], {}, "auto", None),
     ([], {"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16", "precision: bf16, from accelerate's mixed_precision"),
@@ -194,6 +196,7 @@ def _accelerate_config(path: Path, processes: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_accelerate_config_precision_wins_unless_flag_given_and_progress_lines_come_from_rank_0(shards, tmp_path):
     """Under a real `accelerate launch --config_file` (mixed_precision: bf16), 2 gloo processes, a non-terminal
     log: no --precision -> bf16 (said in one line, saved in config.yaml); --no-compile beats the launcher's
@@ -271,6 +274,7 @@ def test_a_damaged_cache_is_measured_again(tmp_path):
     assert json.loads(path.read_text())["k"]["choice"] == "bf16"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not precision.torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                     reason="this CPU has no native bf16 kernels: auto is fp32 without timing")
 def test_train_py_times_precision_once_then_uses_the_cache(shards, tmp_path):
