@@ -8,12 +8,11 @@ contract shared with `finetune`: `data_prep.manifest` (reader, shard-name rule, 
 `common.errors` (`UsageError`, `cli_main`).
 """
 
-__version__ = "0.1"
+from common.errors import UsageError
 
-from common.errors import UsageError  # noqa: E402
-from .cli import main  # noqa: E402  (after __version__, which prepare imports)
-from .prepare import prepare  # noqa: E402
-from .shards import verify  # noqa: E402
+from .cli import main
+from .prepare import VERSION as __version__, prepare
+from .shards import verify
 
 # The name data_prep's Python API has always exported; the same class, not a second type.
 DataPrepError = UsageError

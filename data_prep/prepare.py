@@ -40,10 +40,12 @@ from tqdm import tqdm
 from common.errors import UsageError
 from common.fsutil import atomic_output_dir, output_target
 
-from . import __version__, remote_io, shards, sources
+from . import remote_io, shards, sources
 from .images import EncodeOptions, Encoded, encode_file
 from .manifest import FORMAT, MANIFEST, read_manifest
 from .options import PrepareOptions, default_workers
+
+VERSION = "0.1"      # data_prep's version, recorded in every manifest (created_by); data_prep.__version__
 
 
 
@@ -116,7 +118,7 @@ def prepare_with(opts: PrepareOptions, log: Callable[[str], None] = print) -> di
             "skipped": skipped,
             "duplicates": duplicates,
             "fingerprint": fingerprint,
-            "created_by": f"data_prep {__version__}",
+            "created_by": f"data_prep {VERSION}",
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if kind == "zip":

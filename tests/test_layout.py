@@ -36,7 +36,6 @@ MAX_PARAMS = 7
 ENTRY_POINTS = ("train", "predict", "experiments", "bench")
 TEST_HOOKS = ("FINETUNE_TEST_", "simulated_delay")
 PACKAGES = ("finetune", "data_prep", "experiments", "bench", "common")
-IN_PARALLEL = "issue #21: being fixed in parallel"
 
 # (importer prefix, forbidden prefixes): a module named P or P.* must not import any forbidden F or F.*.
 FORBIDDEN = [
@@ -377,31 +376,21 @@ def test_layering_holds():
     assert layering_problems(REPO) == []
 
 
-@pytest.mark.xfail(strict=False, reason=IN_PARALLEL + " (today: "
-                   "data_prep/__init__ imports cli -> prepare, which imports data_prep's __version__ back)")
 def test_no_import_cycle():
     assert import_cycles(REPO) == []
 
 
-@pytest.mark.xfail(strict=False, reason=IN_PARALLEL + " (today: "
-                   "finetune/{checkpoint,config,data,distributed,export}.py)")
 def test_no_module_over_the_line_limit():
     assert long_modules(REPO) == []
 
 
-@pytest.mark.xfail(strict=False, reason=IN_PARALLEL + " (today: "
-                   "fit, train_one_epoch, optimizer_step, Checkpointer/TrainStream __init__: too many parameters)")
 def test_no_function_over_the_limits():
     assert big_functions(REPO) == []
 
 
-@pytest.mark.xfail(strict=False, reason=IN_PARALLEL + " (today: "
-                   "simulated_delay / FINETUNE_TEST_ in train.py, finetune/)")
 def test_no_test_hooks_in_production_code():
     assert test_hooks_in_production(REPO) == []
 
 
-@pytest.mark.xfail(strict=False, reason=IN_PARALLEL + " (today: "
-                   "data_prep's cli, images, prepare, shards, synthetic are not named)")
 def test_architecture_doc_names_every_module():
     assert doc_problems(REPO) == []
