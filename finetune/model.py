@@ -105,26 +105,6 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of each group's initial lr at optimizer step `step` (0-based): warm-up, then the schedule."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        total = max(1, cfg.epochs * steps_per_epoch - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / total)
-        return 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-    if cfg.schedule == "step":
-        return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
-    return 1.0
-
-
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    # Computed per optimizer step, not via a scheduler through accelerator.prepare (which steps N times on N
-    # processes).
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-
-
 # ------------------------------------------------------------------------------------------------------
 # A finished run's model.pt (and what finetune.export embeds from it): every field checked before use
 # ------------------------------------------------------------------------------------------------------

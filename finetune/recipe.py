@@ -183,8 +183,8 @@ def start_epoch(model, cfg, epoch: int, accelerator) -> bool:
     """The model's mode for an epoch: train, BatchNorm in eval under --freeze-bn / --freeze-backbone and in the
     probe phase, whose parameters enter_phase sets. Returns whether this epoch probes."""
     from .model import set_train_mode
-    world = accelerator.num_processes
-    probe = enter_phase(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, epoch, world)
+    probe = bool(cfg.probe_epochs) and enter_phase(accelerator.unwrap_model(model, keep_torch_compile=False), cfg,
+                                                   epoch, accelerator.num_processes)
     set_train_mode(model, cfg.freeze_bn or cfg.freeze_backbone or probe)
     return probe
 

@@ -71,7 +71,7 @@ def _cfg(*extra):
 
 
 def test_lr_factor_values_by_hand():
-    from finetune.model import lr_factor
+    from finetune.recipe import lr_factor
     # Linear warm-up over 4 steps, then constant.
     cfg = _cfg("--warmup-steps", 4)
     assert [lr_factor(cfg, s, 5) for s in (0, 1, 2, 3, 4, 50)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
@@ -104,7 +104,7 @@ def test_tensorboard_lr_follows_the_cosine_schedule(shards, imagenet_like, tmp_p
     # 2 epochs x 2 steps, 1 warm-up step: the cosine spans 3 steps; step 1 -> 1.0, step 3 -> 0.5(1+cos(2pi/3))
     assert [s for s, _ in series] == [2, 4], series
     assert [v for _, v in series] == pytest.approx([5e-5 * 1.0, 5e-5 * 0.25], rel=1e-5), series
-    from finetune.model import lr_factor
+    from finetune.recipe import lr_factor
     cfg = _cfg("--schedule", "cosine", "--warmup-steps", 1, "--epochs", 2)
     assert [v for _, v in series] == pytest.approx([5e-5 * lr_factor(cfg, s - 1, 2) for s, _ in series], rel=1e-5)
 

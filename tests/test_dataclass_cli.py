@@ -141,6 +141,7 @@ def test_yaml_file_then_command_line(tmp_path):
         read_yaml(str(tmp_path / "list.yaml"), Opts)
 
 
+@pytest.mark.slow
 def test_the_helper_imports_neither_torch_nor_yaml():
     code = ("import sys, data_prep.dataclass_cli; "
             "print(sorted(m for m in ('torch', 'torchvision', 'yaml', 'finetune') if m in sys.modules))")

@@ -27,7 +27,7 @@ from finetune import distributed, loop, trackers
 from finetune.checkpoint import TrainState
 from finetune.config import parse_config
 from finetune.context import StepContext
-from finetune.model import lr_factor
+from finetune.recipe import lr_factor
 from finetune.preempt import PreemptionFlag
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,6 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from types import SimpleNamespace
 import torch
 
 from conftest import PYTHON, REPO, TINY, load_model_pt, read_json, run_train
@@ -368,7 +369,8 @@ def test_class_balanced_loss_improves_balanced_accuracy_on_a_9_to_1_set():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         weight = class_weights([900, 100], mode, torch.device("cpu"))
         for _ in range(200):
-            ctx = StepContext(model, opt, acc, cfg=None, normalize=None, monitor=None, class_weight=weight)
+            ctx = StepContext(model, opt, acc, cfg=SimpleNamespace(label_smoothing=0.0), normalize=None,
+                              monitor=None, class_weight=weight)
             loss, _, _ = batch_loss(ctx, x, y, 1 / len(y))
             opt.zero_grad()
             loss.backward()
