@@ -23,7 +23,7 @@ from .config import Config
 
 def _cpu_has_fast_bf16() -> bool:
     """bf16 autocast on a CPU without native bf16 kernels (AVX512-BF16/AMX) is emulated and slower than
-    fp32 -- measured here on such a CPU: 10 -> 4 img/s. oneDNN knows whether the kernels exist."""
+    fp32 (how much slower: docs/performance.md section 3). oneDNN knows whether the kernels exist."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
