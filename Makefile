@@ -49,7 +49,7 @@ test: venv-test
 test-fast: venv-test
 	$(PY) -m pytest -q -m "not slow" --durations=10
 
-# FLOOR_ENV=1: tests/test_requirements.py then checks that every installed version is exactly its floor pin.
+# FLOOR_ENV=1: tests/project/test_requirements.py then checks that every installed version is exactly its floor pin.
 test-floor: $(FLOOR)/.installed
 	FLOOR_ENV=1 $(FLOOR)/bin/python -m pytest -q -m floor --durations=10
 

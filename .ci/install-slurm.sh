@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_slurm.py needs to run a throw-away local Slurm cluster:
+# Install what tests/cluster/test_slurm.py needs to run a throw-away local Slurm cluster:
 # slurmctld + slurmd + the client tools (sbatch, srun, scontrol, ...) + munge.
 #
 # Debian 12 ships Slurm 22.05. The packages' postinst scripts try to start the

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_LIST = REPO / "bench" / "gpu_image_packages.txt"
 DEST = REPO / ".whl"
-# What the check imports (tests/test_gpu_check.py checks this against the code) and the image lacks.
+# What the check imports (tests/cluster/test_gpu_check.py checks this against the code) and the image lacks.
 WHEELS = {"webdataset": "1.0.2", "braceexpand": "0.1.7", "simplejpeg": "1.9.0"}
 # In requirements.txt, absent from the image, and deliberately not carried: why.
 NOT_CARRIED = {

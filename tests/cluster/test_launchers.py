@@ -17,7 +17,7 @@ import pytest
 
 from conftest import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TINY = ["--batch-size", "8", "--image-size", "32", "--pretrained", "none", "--precision", "no",

@@ -155,7 +155,7 @@ def test_manifest_refuses_shard_names_data_prep_would_not_write(shards, tmp_path
         load_manifest(copy)
 
 
-HOTDOG_FOOD = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotdog-food"
+HOTDOG_FOOD = Path(__file__).resolve().parents[3] / "shared" / "data" / "hotdog-food"
 
 
 def test_opencv_augment_draws_the_same_crops_and_flips_as_torchvision(tmp_path):

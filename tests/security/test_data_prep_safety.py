@@ -410,7 +410,7 @@ def test_the_decode_workers_exit_with_the_main_process(tmp_path, sig):
     source = make_synthetic(tmp_path / "big", train_per_class=100, test_per_class=10, min_side=500, max_side=700)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "--source", str(source), "--out", str(out),
-                             "--workers", "2", "--no-progress"], cwd=Path(__file__).resolve().parents[1],
+                             "--workers", "2", "--no-progress"], cwd=Path(__file__).resolve().parents[2],
                             stderr=subprocess.PIPE, text=True)
     children = _children_once_started(proc, 2)
     try:

@@ -25,7 +25,7 @@ from data_prep import main, prepare, sources, verify
 from data_prep.shards import default_samples_per_shard
 from data_prep.synthetic import make_synthetic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HOTDOG_MINI = REPO.parent / "shared" / "data" / "hotdog-mini"
 CLASSES = ["hotdog", "not-hotdog"]
 

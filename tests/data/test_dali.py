@@ -255,7 +255,7 @@ RESUME = ["--epochs", "2", "--max-steps-per-epoch", "4", "--save-every", "1", "-
 @needs_dali
 def test_resumed_mid_epoch_equals_the_uninterrupted_run(shards, imagenet_like, tmp_path):
     """Resumed from ckpt-6 (epoch 2, step 2 of 4: DALI replays 2 micro-batches), the final weights and their EMA
-    are bitwise those of the uninterrupted run, as with the torchvision loader (tests/test_checkpoint.py)."""
+    are bitwise those of the uninterrupted run, as with the torchvision loader (tests/checkpoint/test_checkpoint.py)."""
     args = ["--data", shards, "--pretrained", imagenet_like, *RESUME]
     run_train([*args, "--output-dir", tmp_path / "ref"])
     shutil.copytree(tmp_path / "ref", tmp_path / "run")

@@ -16,7 +16,7 @@ import torch
 
 from finetune import UsageError, distributed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 
 
@@ -246,7 +246,7 @@ def test_ema_update_never_reads_its_count_from_the_device():
     bitwise torch's EMA of every floating-point parameter and buffer (the first update a copy), and it must
     not read n_averaged at all -- checked by making n_averaged a meta tensor, which has no value to read.
     (Integer buffers, BatchNorm's num_batches_tracked, are the model's own counts rather than torch's
-    truncated lerp of them: tests/test_runtime.py.)"""
+    truncated lerp of them: tests/distributed/test_runtime.py.)"""
     import torchvision
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 

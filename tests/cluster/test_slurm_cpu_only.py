@@ -4,7 +4,7 @@ The script's header asks for GPUs (--gpus-per-node=4); such a cluster refuses it
 generic resource"), and accepts it once the request is shrunk on the sbatch command line:
 `sbatch --gpus-per-node=0 --cpus-per-task=N slurm/finetune.sh ...` (Slurm 22.05). docs/cluster.md shows it.
 
-Skips like tests/test_slurm.py when no local Slurm cluster can start (REQUIRE_SLURM_TESTS=1: fail)."""
+Skips like tests/cluster/test_slurm.py when no local Slurm cluster can start (REQUIRE_SLURM_TESTS=1: fail)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slurm_cluster import SlurmClusterError  # noqa: E402
 from test_slurm import CPUS_PER_TASK, SCRIPT, TRAIN_ARGS, _report, local_cluster  # noqa: E402
 
