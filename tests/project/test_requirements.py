@@ -132,7 +132,9 @@ def test_pyproject_builds_a_wheel_with_the_packages_and_the_extras(tmp_path):
     metadata whose Requires-Dist carry the extras."""
     import shutil
     src = tmp_path / "src"                  # a copy: an in-tree build would leave build/ and *.egg-info in the clone
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".*", "__pycache__", "runs", "data", "shards"))
+    skip_anywhere = shutil.ignore_patterns(".*", "__pycache__")
+    shutil.copytree(REPO, src, ignore=lambda folder, names: set(skip_anywhere(folder, names)) | (
+        {"runs", "data", "shards"} & set(names) if folder == str(REPO) else set()))     # finetune/data is code
     import importlib.util
     import setuptools
     # This env's setuptools builds wheels itself from 70.1 on (older ones need the `wheel` package); otherwise pip
@@ -143,9 +145,11 @@ def test_pyproject_builds_a_wheel_with_the_packages_and_the_extras(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("hotdog_finetune-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        tops = {n.split("/")[0] for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
+        names = set(z.namelist())
+        tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
         meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
     assert tops == {"common", "finetune", "data_prep", "experiments"}, tops
+    assert "finetune/data/streams.py" in names, "the finetune.data subpackage is missing from the wheel"
     assert set(meta.get_all("Provides-Extra")) >= {"trackers", "remote", "export", "fast-aug", "dali", "test"}
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("mlflow") and 'extra == "trackers"' in r for r in requires), requires
